@@ -23,7 +23,7 @@ from igf import artifacts, assets
 from igf.config import SEED_OFFSETS, Config, parse_args
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.errors import IGFError
-from igf.finetune import acceptance_rate, finetune_run
+from igf.finetune import acceptance_rate, finetune_run, standardize_scores
 from igf.information_gain import (WeightSnapshot, collect_ig_pairs, make_ig_optimizer, perplexity, zscore)
 from igf.plot import plot_results
 from igf.secondary_learner import SecondaryLearner, predict, train_learner
@@ -85,8 +85,9 @@ def load_model_and_contexts(cfg: Config, device):
                               cfg.run.seed + SEED_OFFSETS["objective_set"], cfg.run.seed + SEED_OFFSETS["test_set"],
                               sources)
     data_id = {s: file_sha(p) for s, p in files.items()} if files else [d.dataset_name, d.dataset_config_name]
-    model_id = {"model": d.model_name_or_path, "config": sha(model.config.to_dict()),
-                "vocab": model.get_input_embeddings().weight.shape[0]}
+    vocab, width = model.get_input_embeddings().weight.shape  # named in a refusal, not only the config's hash
+    model_id = {"model": d.model_name_or_path, "config": sha(model.config.to_dict()), "vocab": vocab,
+                "embedding_dim": width}
     section("data and model", model=f"{d.model_name_or_path} ({sum(p.numel() for p in model.parameters()):,} "
             f"parameters)", device=str(device), **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})"
                                                    for s in streams},
@@ -96,14 +97,25 @@ def load_model_and_contexts(cfg: Config, device):
 
 # ----------------------------------------------------------------------------- 2) information gain
 
+def ig_fingerprint(cfg: Config, sets, ids):
+    """What the IG pairs depend on (the flags are listed too, so a refusal names them, not only hashes)."""
+    d, ig = cfg.data, cfg.ig
+    return {**ids, "train": sha(sets.train), "objective": sha(sets.objective), "context_len": d.context_len,
+            "size_objective_set": d.size_objective_set, "ig_optimizer": ig.ig_optimizer,
+            "ig_learning_rate": ig.ig_learning_rate, "seed": cfg.run.seed}
+
+
 def run_ig_pairs(cfg: Config, model, sets, ids, device):
     """Collect (or resume, or reuse) the IG pairs; returns the saved record with z-scores and statistics."""
     ig, path = cfg.ig, os.path.join(cfg.run.output_dir, artifacts.IG_PAIRS)
-    fingerprint = {**ids, "train": sha(sets.train), "objective": sha(sets.objective), "ig_optimizer": ig.ig_optimizer,
-                   "ig_learning_rate": ig.ig_learning_rate, "seed": cfg.run.seed}
+    fingerprint = ig_fingerprint(cfg, sets, ids)
     saved = artifacts.read_json(path) if os.path.exists(path) else None
     if saved is not None:
-        artifacts.check_fingerprint(path, saved.get("fingerprint"), fingerprint)
+        artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None, fingerprint)
+        if len(saved.get("pairs", [])) > ig.num_ig_pairs:  # keeping a prefix would overwrite (lose) the rest
+            raise IGFError(f"{path} holds {len(saved['pairs'])} IG pairs, more than --num_ig_pairs "
+                           f"{ig.num_ig_pairs}; pass --num_ig_pairs {len(saved['pairs'])} to reuse them, or "
+                           "--overwrite_output_dir / another --output_dir to start over")
     if ig.num_ig_pairs > len(sets.train):
         raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} exceeds the {len(sets.train)} training contexts")
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["ig_pairs"])
@@ -142,13 +154,17 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
     return result
 
 
-def load_ig_pairs(cfg):
+def load_ig_pairs(cfg, sets, ids):
+    """The saved IG pairs for a later stage: refused unless made by this configuration (model, data, flags)."""
     path = os.path.join(cfg.run.output_dir, artifacts.IG_PAIRS)
     if not os.path.exists(path):
         raise IGFError(f"{path} not found: run the ig_pairs stage first")
     saved = artifacts.read_json(path)
-    if not saved.get("complete"):
-        raise IGFError(f"{path} is incomplete: rerun with the ig_pairs stage to finish it")
+    artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None,
+                                ig_fingerprint(cfg, sets, ids))
+    if not saved.get("complete") or len(saved.get("pairs", [])) != cfg.ig.num_ig_pairs:
+        raise IGFError(f"{path} is incomplete or holds {len(saved.get('pairs', []))} pairs, not --num_ig_pairs "
+                       f"{cfg.ig.num_ig_pairs}: rerun with the ig_pairs stage")
     return saved
 
 
@@ -171,7 +187,11 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
         if not isinstance(saved, dict) or "fingerprint" not in saved:
             raise IGFError(f"{path} is not a secondary-learner checkpoint; use --overwrite_output_dir")
         artifacts.check_fingerprint(path, saved["fingerprint"], fingerprint)
-        learner.load_state_dict(saved["state"], strict=False)
+        try:
+            learner.load_state_dict(saved["state"], strict=False)
+        except (RuntimeError, KeyError) as e:  # shapes of another architecture or model
+            raise IGFError(f"{path} does not fit this secondary learner ({str(e).splitlines()[0][:200]}); use "
+                           "--overwrite_output_dir") from None
         print(f"\n=== 3) secondary learner ===\n  reusing {path}", flush=True)
         return learner, saved["metrics"]
     tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
@@ -221,8 +241,10 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
     model.to(dtype)
     common = {**ids, "train": sha(sets.train), "test": sha(sets.test), "seed": cfg.run.seed,
               "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
-                        ft.eval_every, ft.eval_batch_size, ft.torch_dtype]}
-    scores = predict(learner, sets.train) if learner is not None else None
+                        ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores]}
+    scores = predict(learner, sets.train) if learner is not None else None  # (N_pool,) predicted z-scored IG
+    if scores is not None and ft.standardize_scores:
+        scores = standardize_scores(scores)
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             batches=f"{ft.max_steps} x {ft.batch_size} contexts", test_set=f"{len(sets.test)} contexts")
     for method in ft.methods:
@@ -230,28 +252,30 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
             check_acceptance(cfg, scores, method)
     snapshot, ppl_start = WeightSnapshot(model), None
     todo = [(r, m) for r in range(ft.num_runs) for m in ft.methods]  # run-major: an interruption leaves balance
-    progress = tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning")
-    for run, method in todo:
-        path = run_path(cfg, method, run)
-        fingerprint = {**common, "method": method}
-        if method in IGF_METHODS:
-            fingerprint.update(learner=learner_fp, thresholds=[thresholds_of(cfg, method)(b)
-                                                               for b in range(ft.max_steps)])
-        if os.path.exists(path):
-            artifacts.check_fingerprint(path, artifacts.read_json(path).get("fingerprint"), fingerprint)
-            progress.update(ft.max_steps)
-            continue
-        if ppl_start is None:
-            ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
-            tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
-        snapshot.restore()
-        record = finetune_run(model, sets.train, sets.test, method=method, run=run,
-                              seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start,
-                              scores=scores if method in IGF_METHODS else None,
-                              threshold_fn=thresholds_of(cfg, method) if method in IGF_METHODS else None,
-                              cfg=ft, device=device, progress=progress)
-        artifacts.write_json(path, {**record, "fingerprint": fingerprint})
-    progress.close()
+    # closed even on an error, so the error line that follows starts on a line of its own
+    with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning") as progress:
+        for run, method in todo:
+            path = run_path(cfg, method, run)
+            fingerprint = {**common, "method": method}
+            if method in IGF_METHODS:
+                fingerprint.update(learner=learner_fp, thresholds=[thresholds_of(cfg, method)(b)
+                                                                   for b in range(ft.max_steps)])
+            if os.path.exists(path):
+                saved = artifacts.read_json(path)
+                artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None,
+                                            fingerprint)
+                progress.update(ft.max_steps)
+                continue
+            if ppl_start is None:
+                ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
+                tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
+            snapshot.restore()
+            record = finetune_run(model, sets.train, sets.test, method=method, run=run,
+                                  seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start,
+                                  scores=scores if method in IGF_METHODS else None,
+                                  threshold_fn=thresholds_of(cfg, method) if method in IGF_METHODS else None,
+                                  cfg=ft, device=device, progress=progress)
+            artifacts.write_json(path, {**record, "fingerprint": fingerprint})
     snapshot.restore()
 
 
@@ -296,14 +320,15 @@ def run_statistics_and_plot(cfg):
 
 def run(cfg: Config):
     out, stages = cfg.run.output_dir, cfg.run.stages
-    artifacts.prepare_output_dir(out, cfg.run.overwrite_output_dir)
+    artifacts.prepare_output_dir(out, overwrite=False)  # fail early if unwritable; delete nothing yet
     print("configuration:\n" + artifacts.dumps(cfg.to_dict()), flush=True)
-    artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
     timings, start = {}, time.perf_counter()
     if stages != ["plot"]:
         device = resolve_device(cfg.run.device)
         # 1) objective set: sampled from held-out text, disjoint from the test set and the training pool
         model, sets, ids = load_model_and_contexts(cfg, device)
+        if cfg.run.overwrite_output_dir:  # only now that model and data loaded: bad input must not cost old results
+            artifacts.prepare_output_dir(out, overwrite=True)
         timings["load"] = time.perf_counter() - start
         needs_learner = any(m in IGF_METHODS for m in cfg.finetune.methods) and (
             {"learner", "finetune"} & set(stages))
@@ -311,7 +336,8 @@ def run(cfg: Config):
         if needs_learner or "ig_pairs" in stages:
             # 2) information gain of single training contexts, measured on the objective set
             t = time.perf_counter()
-            pairs = run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages else load_ig_pairs(cfg)
+            pairs = (run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages
+                     else load_ig_pairs(cfg, sets, ids))
             timings["ig_pairs"] = time.perf_counter() - t
         if needs_learner:
             # 3) secondary learner: tokens -> predicted z-scored IG
@@ -329,6 +355,8 @@ def run(cfg: Config):
         # 5) statistics and figure, from the saved runs alone
         results = run_statistics_and_plot(cfg)
     timings["total"] = time.perf_counter() - start
+    # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was
+    artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
     artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)
     return results

@@ -1,6 +1,6 @@
 """The output directory: artifact names, atomic writes, and the checks that make resuming safe.
 
-    <output_dir>/config.json             the resolved configuration of the latest invocation
+    <output_dir>/config.json             the resolved configuration of the latest completed invocation
     <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
     <output_dir>/secondary_learner.pt    learner weights + z-score statistics + the model it was built for
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
@@ -102,11 +102,25 @@ def prepare_output_dir(output_dir, overwrite):
         raise IGFError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
 
 
+def _differences(saved, expected, prefix=""):
+    """[(dotted key, saved value, expected value)] for every leaf that differs (nested dicts are walked)."""
+    out = []
+    for k in sorted(set(saved) | set(expected), key=str):
+        s, e = saved.get(k), expected.get(k)
+        if isinstance(s, dict) and isinstance(e, dict):
+            out += _differences(s, e, f"{prefix}{k}.")
+        elif s != e:
+            out.append((f"{prefix}{k}", s, e))
+    return out
+
+
 def check_fingerprint(path, saved, expected):
     """Refuse to resume from an artifact made with another configuration."""
     if saved == expected:
         return
-    keys = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-    diff = "; ".join(f"{k}: saved {saved.get(k)!r}, now {expected.get(k)!r}" for k in keys)
+    if not isinstance(saved, dict):
+        raise IGFError(f"{path} has no configuration fingerprint (not made by this version, or damaged); delete "
+                       "it or use --overwrite_output_dir")
+    diff = "; ".join(f"{k}: saved {s!r}, now {e!r}" for k, s, e in _differences(saved, expected))
     raise IGFError(f"{path} was made with a different configuration ({diff}); use --overwrite_output_dir "
                    "or another --output_dir")

@@ -86,6 +86,7 @@ def _build_atomically(root, name, build):
         print(f"[assets] {final} is incomplete or damaged; rebuilding it", flush=True)
         shutil.rmtree(final)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}.")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     scratch = tempfile.mkdtemp(prefix="igf-fetch-")
     try:
         info = build(tmp, scratch) or {}

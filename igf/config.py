@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class IGConfig:
     ig_optimizer: str = _f("adam", "the single step on X: 'adam' (a fresh Adam's first step, ~lr*sign(grad)) "
                            "or 'sgd' (plain gradient step, as the paper describes)", choices=IG_OPTIMIZERS)
     ig_learning_rate: float = _f(5e-5, "learning rate of that single step")
-    ig_eval_batch_size: int = _f(32, "contexts per forward pass when measuring objective-set perplexity")
+    ig_eval_batch_size: int = _f(8, "contexts per forward pass when measuring objective-set perplexity")
     ig_save_every: int = _f(10, "checkpoint the IG pairs every this many pairs (atomic write; resume from it)")
 
 
@@ -80,7 +81,7 @@ class FinetuneConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps of the schedule")
     eval_every: int = _f(1, "evaluate test perplexity every this many batches (and after the last)")
-    eval_batch_size: int = _f(32, "contexts per forward pass when measuring test perplexity")
+    eval_batch_size: int = _f(16, "contexts per forward pass when measuring test perplexity")
     constant_threshold: float = _f(0.0, "igf_constant: keep contexts whose predicted z-scored IG >= this")
     shift_schedule: str = _f("step", "igf_shifting: how the threshold moves from strict to loose",
                              choices=SHIFT_SCHEDULES)
@@ -88,6 +89,8 @@ class FinetuneConfig:
     shift_loose: float = _f(-1.0, "igf_shifting: threshold it relaxes to (z units)")
     shift_batches: int = _f(3, "igf_shifting: 'step' switches after this many batches; 'linear' reaches "
                             "loose after it; 'exponential' uses it as the time constant")
+    standardize_scores: bool = _f(True, "re-standardize predicted IG over the training pool before thresholding "
+                                  "(thresholds then read as standard deviations above the pool's average)")
     min_acceptance: float = _f(0.01, "refuse a threshold that keeps fewer than this fraction of the pool")
     torch_dtype: str = _f("float32", "dtype of the fine-tuned model (IG is always computed in float32)",
                           choices=DTYPES)
@@ -137,8 +140,16 @@ SECTIONS = {"data": DataConfig, "ig": IGConfig, "learner": LearnerConfig, "finet
             "run": RunConfig}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints its usage line, then raises IGFError (one ``error:`` line, exit 2) instead of exiting."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise IGFError(message)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Information Gain Filtration: collect IG pairs, train the secondary learner, "
                     "compare standard and IGF fine-tuning over seeded runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -171,12 +182,7 @@ def parse_args(argv=None) -> Config:
     if pre.preset not in PRESETS:
         raise IGFError(f"unknown --preset {pre.preset!r}; choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[pre.preset])
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed its one-line usage error
-        if e.code:
-            raise IGFError("invalid command line (see the usage message above)") from None
-        raise
+    args = parser.parse_args(argv)
     values = vars(args)
     cfg = Config(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
                     for name, cls in SECTIONS.items()})

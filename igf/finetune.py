@@ -36,6 +36,17 @@ def select_batch(stream, batch_size, scores=None, threshold=-math.inf):
     return kept, drawn
 
 
+def standardize_scores(scores):
+    """Predicted IG re-standardized over the pool (mean 0, std 1). A regression learner shrinks its predictions
+    towards the mean, so on its raw scale a threshold of 1.0 can reject every context; on this scale a threshold
+    t keeps the contexts predicted t standard deviations above the pool's average."""
+    std = scores.std(unbiased=False)
+    if not std > 0:
+        raise IGFError("the secondary learner predicts the same IG for every training context; nothing to filter "
+                       "by (collect more IG pairs or train the learner longer)")
+    return (scores - scores.mean()) / std
+
+
 def acceptance_rate(scores, threshold):
     """Fraction of the pool whose predicted z-scored IG passes ``threshold``."""
     return (scores >= threshold).double().mean().item()
@@ -54,7 +65,7 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, max_steps):
 def optimizer_step(model, optimizer, scheduler, batch):
     """One step on the mean next-token loss of ``batch`` (B, T): the mean gradient of exactly these contexts."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # once per step; in place, so the buffers are reused
     loss = lm_loss(model, batch)
     loss.backward()
     optimizer.step()
@@ -89,7 +100,8 @@ def finetune_run(model, pool, test, *, method, run, seed, ppl_start, scores, thr
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             ppl = perplexity(model, test, cfg.eval_batch_size, device)
             if not math.isfinite(ppl):
-                raise IGFError(f"non-finite test perplexity after step {step} of {method} run {run} (seed {seed})")
+                raise IGFError(f"non-finite test perplexity after step {step} of {method} run {run} (seed {seed}); "
+                               "lower --learning_rate")
             record["steps"].append(step)
             record["test_ppl"].append(ppl)
             tqdm.write(f"[{method} run {run}] step {step:3d}/{cfg.max_steps}  test PPL {ppl:8.3f}  "

@@ -27,10 +27,16 @@ def token_nll(logits, ids):
     return nll, target.numel()
 
 
+def safe_exp(mean_nll):
+    """exp of a mean NLL; inf instead of math.exp's OverflowError (above ~709.78), so a diverged model reaches
+    the callers' non-finite checks (which name the IG pair or the step) rather than a traceback."""
+    return math.inf if mean_nll > 709.0 else math.exp(mean_nll)
+
+
 def perplexity_from_logits(logits, ids):
     """exp(mean NLL per predicted token). Uniform logits over V tokens give exactly V."""
     nll, n = token_nll(logits, ids)
-    return math.exp(nll.item() / n)
+    return safe_exp(nll.item() / n)
 
 
 def information_gain(ppl_before, ppl_after):
@@ -68,17 +74,32 @@ def perplexity(model, contexts, batch_size, device):
         total += nll.double().item()
         count += n
     model.train(was_training)
-    return math.exp(total / count)
+    return safe_exp(total / count)
 
 
 def make_ig_optimizer(name, params, lr):
-    """The optimizer of the single step. Its state is cleared after every pair, so 'adam' is always a fresh
-    Adam's first step: each weight moves by about lr * sign(grad)."""
+    """The optimizer of the single step. Its state is reset to zero after every pair (``reset_state``), so
+    'adam' is always a fresh Adam's first step: each weight moves by about lr * sign(grad)."""
+    params = list(params)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)  # ~3x faster steps where supported
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(params, lr=lr)
     raise IGFError(f"unknown --ig_optimizer {name!r}")
+
+
+@torch.no_grad()
+def reset_state(optimizer):
+    """Make the optimizer equivalent to a freshly built one: zero its state (Adam's moments and step count)
+    in place. Starting from zero is exactly how SGD and Adam initialise; keeping the buffers allocated
+    avoids re-allocating (and page-faulting) twice the model's size for every pair."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
 
 
 class WeightSnapshot:
@@ -97,15 +118,14 @@ class WeightSnapshot:
 def ig_of_context(model, optimizer, snapshot, x, objective, ppl_before, batch_size, device):
     """One IG pair: step on context x (T,), measure the objective set, restore. Returns (IG, x's own PPL)."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # zero in place: gradient buffers are reused, not re-allocated
     loss = lm_loss(model, x.unsqueeze(0).to(device))  # (1, T) -> scalar
     loss.backward()
     optimizer.step()
     ppl_after = perplexity(model, objective, batch_size, device)
     snapshot.restore()
-    optimizer.zero_grad(set_to_none=True)
-    optimizer.state.clear()
-    return information_gain(ppl_before, ppl_after), math.exp(loss.item())
+    reset_state(optimizer)
+    return information_gain(ppl_before, ppl_after), safe_exp(loss.item())
 
 
 def collect_ig_pairs(model, optimizer, train, indices, objective, ppl_before, batch_size, device, pairs,
@@ -117,15 +137,16 @@ def collect_ig_pairs(model, optimizer, train, indices, objective, ppl_before, ba
     """
     snapshot = WeightSnapshot(model)
     start = len(pairs)
-    for i in tqdm(range(start, len(indices)), initial=start, total=len(indices), desc="IG pairs"):
-        row = int(indices[i])
-        ig, context_ppl = ig_of_context(model, optimizer, snapshot, train[row], objective, ppl_before,
-                                        batch_size, device)
-        if not (math.isfinite(ig) and math.isfinite(context_ppl)):
-            raise IGFError(f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, "
-                           f"context PPL={context_ppl}; lower --ig_learning_rate")
-        pairs.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
-                      "context_ppl": context_ppl})
-        if on_checkpoint and (len(pairs) % save_every == 0 or len(pairs) == len(indices)):
-            on_checkpoint(pairs)
+    with tqdm(range(start, len(indices)), initial=start, total=len(indices), desc="IG pairs") as bar:
+        for i in bar:  # the bar is closed even on an error, so the error line starts a line of its own
+            row = int(indices[i])
+            ig, context_ppl = ig_of_context(model, optimizer, snapshot, train[row], objective, ppl_before,
+                                            batch_size, device)
+            if not (math.isfinite(ig) and math.isfinite(context_ppl)):
+                raise IGFError(f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, "
+                               f"context PPL={context_ppl}; lower --ig_learning_rate")
+            pairs.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
+                          "context_ppl": context_ppl})
+            if on_checkpoint and (len(pairs) % save_every == 0 or len(pairs) == len(indices)):
+                on_checkpoint(pairs)
     return pairs

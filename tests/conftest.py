@@ -9,6 +9,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# One intra-op thread (inherited by subprocesses; override with OMP_NUM_THREADS): the tiny model's tensors are far
+# too small to gain from threads, and with the CPUs busy torch's thread pool made the suite ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 STYLE_A = "the king and the queen speak of honour and crown and the realm and the sword".split()
 STYLE_B = "a cat sat on my mat with one red ball and two blue cups near a warm bed".split()
 VOCAB = ["[UNK]", "\n"] + sorted(set(STYLE_A + STYLE_B + ["."]))
@@ -59,12 +69,20 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
+def tiny_flags(model, files, output_dir):
+    """Command-line flags for a complete run of the driver that takes a few seconds. The learner gets ~20
+    epochs at lr 1e-2: the tiny model's embeddings have std 0.02, and with fewer its predictions are a constant
+    (about -0.02) plus noise, so the IGF runs would filter on noise."""
+    return ["--model_name_or_path", model, "--train_file", files["train"],
+            "--validation_file", files["validation"], "--test_file", files["test"],
+            "--output_dir", str(output_dir), "--context_len", "16", "--size_objective_set", "8",
+            "--size_test_set", "16", "--num_ig_pairs", "24", "--ig_learning_rate", "1e-3", "--learner_epochs", "20",
+            "--learner_learning_rate", "1e-2",
+            "--num_runs", "2", "--batch_size", "4", "--max_steps", "3", "--learning_rate", "1e-3",
+            "--shift_batches", "1", "--shift_strict", "0.5", "--shift_loose", "-0.5", "--min_acceptance", "0.0"]
+
+
 @pytest.fixture
 def tiny_args(tiny_model, text_files, tmp_path):
     """Command-line flags for a complete run of the driver that takes a few seconds."""
-    return ["--model_name_or_path", tiny_model, "--train_file", text_files["train"],
-            "--validation_file", text_files["validation"], "--test_file", text_files["test"],
-            "--output_dir", str(tmp_path / "out"), "--context_len", "16", "--size_objective_set", "8",
-            "--size_test_set", "16", "--num_ig_pairs", "24", "--ig_learning_rate", "1e-3", "--learner_epochs", "5",
-            "--num_runs", "2", "--batch_size", "4", "--max_steps", "3", "--learning_rate", "1e-3",
-            "--shift_batches", "1", "--shift_strict", "0.5", "--shift_loose", "-0.5", "--min_acceptance", "0.0"]
+    return tiny_flags(tiny_model, text_files, tmp_path / "out")

