@@ -111,7 +111,7 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
     fingerprint = ig_fingerprint(cfg, sets, ids)
     saved = artifacts.read_json(path) if os.path.exists(path) else None
     if saved is not None:
-        artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None, fingerprint)
+        artifacts.check_fingerprint(path, saved, fingerprint)
         if len(saved.get("pairs", [])) > ig.num_ig_pairs:  # keeping a prefix would overwrite (lose) the rest
             raise IGFError(f"{path} holds {len(saved['pairs'])} IG pairs, more than --num_ig_pairs "
                            f"{ig.num_ig_pairs}; pass --num_ig_pairs {len(saved['pairs'])} to reuse them, or "
@@ -160,8 +160,7 @@ def load_ig_pairs(cfg, sets, ids):
     if not os.path.exists(path):
         raise IGFError(f"{path} not found: run the ig_pairs stage first")
     saved = artifacts.read_json(path)
-    artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None,
-                                ig_fingerprint(cfg, sets, ids))
+    artifacts.check_fingerprint(path, saved, ig_fingerprint(cfg, sets, ids))
     if not saved.get("complete") or len(saved.get("pairs", [])) != cfg.ig.num_ig_pairs:
         raise IGFError(f"{path} is incomplete or holds {len(saved.get('pairs', []))} pairs, not --num_ig_pairs "
                        f"{cfg.ig.num_ig_pairs}: rerun with the ig_pairs stage")
@@ -186,7 +185,7 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
         saved = artifacts.read_torch(path)
         if not isinstance(saved, dict) or "fingerprint" not in saved:
             raise IGFError(f"{path} is not a secondary-learner checkpoint; use --overwrite_output_dir")
-        artifacts.check_fingerprint(path, saved["fingerprint"], fingerprint)
+        artifacts.check_fingerprint(path, saved, fingerprint)
         try:
             learner.load_state_dict(saved["state"], strict=False)
         except (RuntimeError, KeyError) as e:  # shapes of another architecture or model
@@ -262,8 +261,7 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
                                                                    for b in range(ft.max_steps)])
             if os.path.exists(path):
                 saved = artifacts.read_json(path)
-                artifacts.check_fingerprint(path, saved.get("fingerprint") if isinstance(saved, dict) else None,
-                                            fingerprint)
+                artifacts.check_fingerprint(path, saved, fingerprint)
                 progress.update(ft.max_steps)
                 continue
             if ppl_start is None:
@@ -297,6 +295,10 @@ def load_runs(cfg):
     return records
 
 
+def _p(p):
+    return "n/a (fewer than 2 runs)" if p is None else f"{p:.3g}"
+
+
 def run_statistics_and_plot(cfg):
     records = load_runs(cfg)
     results = compare_methods(records)
@@ -310,7 +312,7 @@ def run_statistics_and_plot(cfg):
                                    f"area under curve {s['auc_test_ppl']['mean']:.3f}; "
                                    f"{s['candidates_per_kept_context']:.2f} candidates per kept context"
                                 for m, s in results["methods"].items()},
-            **{k: f"Welch p = {v['final']['p']} (final), {v['auc']['p']} (area under curve)"
+            **{k: f"Welch p = {_p(v['final']['p'])} (final), {_p(v['auc']['p'])} (area under curve)"
                for k, v in results["tests"].items()})
     print(f"  figure: {os.path.join(out, artifacts.FIGURE)}", flush=True)
     return results

@@ -114,8 +114,9 @@ def _differences(saved, expected, prefix=""):
     return out
 
 
-def check_fingerprint(path, saved, expected):
-    """Refuse to resume from an artifact made with another configuration."""
+def check_fingerprint(path, artifact, expected):
+    """Refuse to resume from an artifact (a loaded JSON or checkpoint) made with another configuration."""
+    saved = artifact.get("fingerprint") if isinstance(artifact, dict) else None
     if saved == expected:
         return
     if not isinstance(saved, dict):

@@ -46,12 +46,12 @@ class DataConfig:
                                          "else ~/.cache/igf)")
     context_len: int = _f(32, "tokens per context (training candidates, objective set and test set alike)")
     size_objective_set: int = _f(32, "contexts in the objective set, sampled from the validation text")
-    size_test_set: int = _f(128, "contexts in the test set, sampled from the test text (0 = every context)")
+    size_test_set: int = _f(64, "contexts in the test set, sampled from the test text (0 = every context)")
 
 
 @dataclass
 class IGConfig:
-    num_ig_pairs: int = _f(120, "training contexts X whose information gain IG(X) is measured")
+    num_ig_pairs: int = _f(100, "training contexts X whose information gain IG(X) is measured")
     ig_optimizer: str = _f("adam", "the single step on X: 'adam' (a fresh Adam's first step, ~lr*sign(grad)) "
                            "or 'sgd' (plain gradient step, as the paper describes)", choices=IG_OPTIMIZERS)
     ig_learning_rate: float = _f(5e-5, "learning rate of that single step")
@@ -76,7 +76,7 @@ class FinetuneConfig:
     methods: typing.List[str] = _f(list(METHODS), "methods to run (space separated)", choices=METHODS)
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
     batch_size: int = _f(8, "contexts per optimizer step (the paper used 16)")
-    max_steps: int = _f(10, "optimizer steps (batches) per run (the paper used 60)")
+    max_steps: int = _f(8, "optimizer steps (batches) per run (the paper used 60)")
     learning_rate: float = _f(5e-5, "AdamW peak learning rate, decayed linearly to 0 over --max_steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps of the schedule")
@@ -87,7 +87,7 @@ class FinetuneConfig:
                              choices=SHIFT_SCHEDULES)
     shift_strict: float = _f(1.0, "igf_shifting: threshold for the first batches (z units)")
     shift_loose: float = _f(-1.0, "igf_shifting: threshold it relaxes to (z units)")
-    shift_batches: int = _f(3, "igf_shifting: 'step' switches after this many batches; 'linear' reaches "
+    shift_batches: int = _f(4, "igf_shifting: 'step' switches after this many batches; 'linear' reaches "
                             "loose after it; 'exponential' uses it as the time constant")
     standardize_scores: bool = _f(True, "re-standardize predicted IG over the training pool before thresholding "
                                   "(thresholds then read as standard deviations above the pool's average)")

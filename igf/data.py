@@ -60,6 +60,12 @@ def load_raw_splits(train_file=None, validation_file=None, test_file=None, datas
     missing = [s for s in SPLITS if s not in raw]
     if missing:
         raise IGFError(f"dataset {dataset_name!r} has no {'/'.join(missing)} split; pass local files instead")
+    for split in SPLITS:
+        if text_column not in raw[split].column_names:
+            raise IGFError(f"dataset {dataset_name!r} has no column {text_column!r} (--text_column) in its {split} "
+                           f"split; its columns: {', '.join(raw[split].column_names)}")
+    # only that column: the dataset may have another column called "text"
+    raw = datasets.DatasetDict({s: raw[s].select_columns([text_column]) for s in SPLITS})
     return raw.rename_column(text_column, "text") if text_column != "text" else raw
 
 

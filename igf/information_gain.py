@@ -21,7 +21,9 @@ from .errors import IGFError
 
 def token_nll(logits, ids):
     """Summed next-token NLL (nats) and the number of predicted tokens. logits (B, T, V), ids (B, T)."""
-    pred = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    pred = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()  # at least float32 for the loss; float64 models stay float64
     target = ids[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum")
     return nll, target.numel()

@@ -8,6 +8,7 @@ import numpy as np  # noqa: E402
 
 LABELS = {"standard": "standard fine-tuning", "igf_constant": "IGF, constant threshold",
           "igf_shifting": "IGF, shifting threshold"}
+SHORT = {"standard": "standard", "igf_constant": "IGF\nconstant", "igf_shifting": "IGF\nshifting"}
 COLORS = {"standard": "tab:gray", "igf_constant": "tab:blue", "igf_shifting": "tab:orange"}
 
 
@@ -37,7 +38,7 @@ def plot_results(results, records_by_method, title=""):
     rng = np.random.default_rng(0)  # jitter only; the values are the runs'
     for i, (m, vals) in enumerate(zip(methods, finals), start=1):
         right.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, s=12, color=COLORS.get(m), zorder=3)
-    right.set_xticks(range(1, len(methods) + 1), [LABELS.get(m, m).replace(", ", ",\n") for m in methods])
+    right.set_xticks(range(1, len(methods) + 1), [SHORT.get(m, m) for m in methods])
     steps = records_by_method[methods[0]][0]["steps"][-1]
     right.set_ylabel(f"test perplexity after batch {steps}")
     tests = results.get("tests", {})

@@ -24,6 +24,21 @@ STYLE_B = "a cat sat on my mat with one red ball and two blue cups near a warm b
 VOCAB = ["[UNK]", "\n"] + sorted(set(STYLE_A + STYLE_B + ["."]))
 
 
+DRIVER = os.path.join(ROOT, "run_clm_igf.py")
+
+
+def set_flag(argv, flag, *values):
+    """argv with ``--flag`` given ``values`` (replacing an earlier value, else appended)."""
+    argv = list(argv)
+    if flag in argv:
+        i = argv.index(flag)
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        del argv[i:j]
+    return argv + [flag, *values]
+
+
 def sentences(words, n, rng):
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + " ." for _ in range(n)]
 

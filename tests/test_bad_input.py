@@ -15,26 +15,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT, tiny_flags
+from conftest import DRIVER, ROOT, set_flag, tiny_flags
 
 import run_clm_igf
 
-DRIVER = os.path.join(ROOT, "run_clm_igf.py")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def set_flag(argv, flag, *values):
-    """argv with ``--flag`` given ``values`` (replacing an earlier value, else appended)."""
-    argv = list(argv)
-    if flag in argv:
-        i = argv.index(flag)
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        del argv[i:j]
-    return argv + [flag, *values]
-
 
 def snapshot(folder):
     """{relative path: bytes} of every file under ``folder`` (hidden temporary files included)."""

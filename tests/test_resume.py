@@ -7,22 +7,10 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, tiny_flags
+from conftest import DRIVER, ROOT, set_flag, tiny_flags
 
 import run_clm_igf
 
-DRIVER = os.path.join(ROOT, "run_clm_igf.py")
-
-
-def set_flag(argv, flag, *values):
-    argv = list(argv)
-    if flag in argv:
-        i = argv.index(flag)
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        del argv[i:j]
-    return argv + [flag, *values]
 
 
 def read_bytes(path):
