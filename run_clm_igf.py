@@ -86,13 +86,16 @@ def load_model_and_contexts(cfg: Config, device):
                               sources)
     data_id = {s: file_sha(p) for s, p in files.items()} if files else [d.dataset_name, d.dataset_config_name]
     vocab, width = model.get_input_embeddings().weight.shape  # named in a refusal, not only the config's hash
-    model_id = {"model": d.model_name_or_path, "config": sha(model.config.to_dict()), "vocab": vocab,
+    architecture = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it lies
+    model_id = {"model": d.model_name_or_path, "config": sha(architecture), "vocab": vocab,
                 "embedding_dim": width}
     section("data and model", model=f"{d.model_name_or_path} ({sum(p.numel() for p in model.parameters()):,} "
             f"parameters)", device=str(device), **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})"
                                                    for s in streams},
             **{f"{k} contexts": f"{v[0]:,} x {v[1]} tokens" for k, v in sets.summary().items()})
-    return model, sets, {"model": model_id, "data": data_id}
+    summary = {"sources": sources, "tokens": {s: len(streams[s]) for s in streams}, "contexts": sets.summary(),
+               "model_parameters": sum(p.numel() for p in model.parameters())}
+    return model, sets, {"model": model_id, "data": data_id}, summary
 
 
 # ----------------------------------------------------------------------------- 2) information gain
@@ -328,7 +331,7 @@ def run(cfg: Config):
     if stages != ["plot"]:
         device = resolve_device(cfg.run.device)
         # 1) objective set: sampled from held-out text, disjoint from the test set and the training pool
-        model, sets, ids = load_model_and_contexts(cfg, device)
+        model, sets, ids, data_summary = load_model_and_contexts(cfg, device)
         if cfg.run.overwrite_output_dir:  # only now that model and data loaded: bad input must not cost old results
             artifacts.prepare_output_dir(out, overwrite=True)
         timings["load"] = time.perf_counter() - start
@@ -359,6 +362,8 @@ def run(cfg: Config):
     timings["total"] = time.perf_counter() - start
     # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was
     artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
+    if stages != ["plot"]:
+        artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
     artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)
     return results

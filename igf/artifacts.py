@@ -1,6 +1,7 @@
 """The output directory: artifact names, atomic writes, and the checks that make resuming safe.
 
     <output_dir>/config.json             the resolved configuration of the latest completed invocation
+    <output_dir>/data.json               token and context counts of each split, and where the text came from
     <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
     <output_dir>/secondary_learner.pt    learner weights + z-score statistics + the model it was built for
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
@@ -22,6 +23,7 @@ import torch
 from .errors import IGFError
 
 CONFIG = "config.json"
+DATA = "data.json"
 IG_PAIRS = "ig_pairs.json"
 LEARNER = "secondary_learner.pt"
 LEARNER_METRICS = "secondary_learner.json"
@@ -29,7 +31,7 @@ RUNS = "runs"
 RESULTS = "results.json"
 FIGURE = "result_igf.png"
 TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
-ALL = (CONFIG, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, FIGURE, TIMINGS)
+ALL = (CONFIG, DATA, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, FIGURE, TIMINGS)
 
 
 def dumps(obj) -> str:

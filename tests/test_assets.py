@@ -2,10 +2,12 @@
 and the books split are checked where they are cached (`make setup` builds them; CI runs it first)."""
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import DRIVER
 from igf import assets
 from igf.errors import IGFError
 
@@ -94,3 +96,14 @@ def test_embedded_smollm2_predicts_paris():
     with torch.no_grad():
         next_id = model(ids).logits[0, -1].argmax().item()
     assert tokenizer.decode(next_id).strip() == "Paris"
+
+
+def test_hub_model_name_while_offline_is_one_clear_error(text_files, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # what a machine without the hub sees, without network retries
+    proc = subprocess.run([sys.executable, DRIVER, "--model_name_or_path", "openai-community/gpt2",
+                           "--train_file", text_files["train"], "--validation_file", text_files["validation"],
+                           "--test_file", text_files["test"], "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load the model 'openai-community/gpt2'") and "embedded-smollm2" in last
