@@ -9,6 +9,7 @@ Stages, as in the paper: 1) objective set, 2) information-gain pairs, 3) seconda
 fine-tuning over seeded runs, 5) statistics and figure. Every artifact goes to --output_dir (see igf/artifacts.py)
 and is reused when the same command is run again, so an interrupted run resumes where it stopped.
 """
+import glob
 import hashlib
 import json
 import math
@@ -44,6 +45,15 @@ def sha(obj):
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def weights_sha(model):
+    """Hash of every parameter's bytes: another checkpoint under the same name is a different model."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def file_sha(path):
     with open(path, "rb") as fh:
         return sha(fh.read())
@@ -55,9 +65,12 @@ def resolve_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise IGFError(f"--device {name} requested but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise IGFError(f"unknown --device {name!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise IGFError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def section(title, **sizes):
@@ -87,15 +100,15 @@ def load_model_and_contexts(cfg: Config, device):
     data_id = {s: file_sha(p) for s, p in files.items()} if files else [d.dataset_name, d.dataset_config_name]
     vocab, width = model.get_input_embeddings().weight.shape  # named in a refusal, not only the config's hash
     architecture = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it lies
-    model_id = {"model": d.model_name_or_path, "config": sha(architecture), "vocab": vocab,
-                "embedding_dim": width}
+    model_id = {"model": d.model_name_or_path, "config": sha(architecture), "weights": weights_sha(model),
+                "vocab": vocab, "embedding_dim": width}
     section("data and model", model=f"{d.model_name_or_path} ({sum(p.numel() for p in model.parameters()):,} "
             f"parameters)", device=str(device), **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})"
                                                    for s in streams},
             **{f"{k} contexts": f"{v[0]:,} x {v[1]} tokens" for k, v in sets.summary().items()})
     summary = {"sources": sources, "tokens": {s: len(streams[s]) for s in streams}, "contexts": sets.summary(),
                "model_parameters": sum(p.numel() for p in model.parameters())}
-    return model, sets, {"model": model_id, "data": data_id}, summary
+    return model, sets, {"model": model_id, "data": data_id, "device": device.type}, summary
 
 
 # ----------------------------------------------------------------------------- 2) information gain
@@ -105,7 +118,8 @@ def ig_fingerprint(cfg: Config, sets, ids):
     d, ig = cfg.data, cfg.ig
     return {**ids, "train": sha(sets.train), "objective": sha(sets.objective), "context_len": d.context_len,
             "size_objective_set": d.size_objective_set, "ig_optimizer": ig.ig_optimizer,
-            "ig_learning_rate": ig.ig_learning_rate, "seed": cfg.run.seed}
+            "ig_learning_rate": ig.ig_learning_rate, "ig_eval_batch_size": ig.ig_eval_batch_size,
+            "seed": cfg.run.seed}
 
 
 def run_ig_pairs(cfg: Config, model, sets, ids, device):
@@ -127,7 +141,7 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
     section("2) information gain", pairs=f"{len(pairs)} saved, {ig.num_ig_pairs} wanted",
             step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(sets.objective)} contexts")
     ppl_before = perplexity(model, sets.objective, ig.ig_eval_batch_size, device) if (
-        len(pairs) < ig.num_ig_pairs or saved is None) else saved["ppl_before"]
+        len(pairs) < ig.num_ig_pairs) else saved["ppl_before"]
     if saved is not None and not math.isclose(saved["ppl_before"], ppl_before, rel_tol=1e-9):
         raise IGFError(f"{path}: pretrained objective perplexity is {ppl_before}, saved {saved['ppl_before']}; "
                        "the model changed. Use --overwrite_output_dir")
@@ -182,19 +196,27 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
                 dropout=ln.learner_dropout)
     torch.manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])  # weight init and dropout
     learner = SecondaryLearner(model.get_input_embeddings().weight, **arch)
-    if os.path.exists(path) or not train_it:
-        if not os.path.exists(path):
-            raise IGFError(f"{path} not found: run the learner stage first")
-        saved = artifacts.read_torch(path)
-        if not isinstance(saved, dict) or "fingerprint" not in saved:
-            raise IGFError(f"{path} is not a secondary-learner checkpoint; use --overwrite_output_dir")
+    saved = artifacts.read_torch(path) if os.path.exists(path) else None
+    if saved is None and not train_it:
+        raise IGFError(f"{path} not found: run the learner stage first")
+    saved_fp = saved.get("fingerprint") if isinstance(saved, dict) else None
+    # A learner of the same model on other pairs or settings is retrained when its stage runs (its old runs are
+    # then refused by their fingerprint); one of another model, or an unreadable one, is refused.
+    retrain = train_it and isinstance(saved_fp, dict) and saved_fp != fingerprint and all(
+        saved_fp.get(k) == fingerprint[k] for k in ids)
+    if retrain:
+        print(f"  {path} was trained on other pairs or settings; retraining it", flush=True)
+    elif saved is not None:
         artifacts.check_fingerprint(path, saved, fingerprint)
         try:
-            learner.load_state_dict(saved["state"], strict=False)
-        except (RuntimeError, KeyError) as e:  # shapes of another architecture or model
+            missing, unexpected = learner.load_state_dict(saved["state"], strict=False)
+            if set(missing) != {"embed.weight"} or unexpected:  # only the frozen embedding copy is not saved
+                raise RuntimeError(f"missing {sorted(set(missing) - {'embed.weight'})}, unexpected {unexpected}")
+        except (RuntimeError, KeyError) as e:  # shapes or names of another architecture or model
             raise IGFError(f"{path} does not fit this secondary learner ({str(e).splitlines()[0][:200]}); use "
                            "--overwrite_output_dir") from None
         print(f"\n=== 3) secondary learner ===\n  reusing {path}", flush=True)
+        artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), saved["metrics"])
         return learner, saved["metrics"]
     tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
     z = torch.tensor([p["ig_z"] for p in pairs["pairs"]], dtype=torch.float32)  # (N,)
@@ -203,13 +225,12 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])
     metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
                             ln.learner_learning_rate, ln.learner_batch_size, g)
-    artifacts.write_torch(path, {"fingerprint": fingerprint, "state": learner.trainable_state(), "arch": arch,
-                                 "metrics": metrics, "ig_mean": pairs["stats"]["ig_mean"],
-                                 "ig_std": pairs["stats"]["ig_std"]})
     artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), metrics)
-    print(f"  held-out pairs: Pearson {metrics['val_pearson']:.3f}, Spearman {metrics['val_spearman']:.3f} "
-          f"(n={metrics['n_val']}, best epoch {metrics['best_epoch']}); training pairs: Pearson "
-          f"{metrics['train_pearson']:.3f}", flush=True)
+    artifacts.write_torch(path, {"fingerprint": fingerprint, "state": learner.trainable_state(), "arch": arch,
+                                 "metrics": metrics})
+    r = {k: "n/a" if v is None else f"{v:.3f}" for k, v in metrics.items() if k.endswith(("pearson", "spearman"))}
+    print(f"  held-out pairs: Pearson {r['val_pearson']}, Spearman {r['val_spearman']} (n={metrics['n_val']}, "
+          f"best epoch {metrics['best_epoch']}); training pairs: Pearson {r['train_pearson']}", flush=True)
     return learner, metrics
 
 
@@ -232,7 +253,7 @@ def check_acceptance(cfg, scores, method):
     worst = min(range(len(rates)), key=rates.__getitem__)
     print(f"  {method}: keeps {rates[0]:.1%} of the pool at batch 1, {rates[-1]:.1%} at batch {len(rates)}",
           flush=True)
-    if rates[worst] <= cfg.finetune.min_acceptance:
+    if rates[worst] < cfg.finetune.min_acceptance or rates[worst] == 0:  # 0 would draw candidates forever
         raise IGFError(f"{method} threshold {fn(worst):.3g} at batch {worst + 1} keeps {rates[worst]:.2%} of the "
                        f"training pool (minimum --min_acceptance {cfg.finetune.min_acceptance}); lower it")
 
@@ -253,8 +274,9 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
         if method in IGF_METHODS:
             check_acceptance(cfg, scores, method)
     snapshot, ppl_start = WeightSnapshot(model), None
-    todo = [(r, m) for r in range(ft.num_runs) for m in ft.methods]  # run-major: an interruption leaves balance
-    # closed even on an error, so the error line that follows starts on a line of its own
+    # run-major order, so an interrupted invocation leaves every method with about as many finished runs
+    todo = [(r, m) for r in range(ft.num_runs) for m in ft.methods]
+    # a context manager: the bar is closed even on an error, so the error line starts a line of its own
     with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning") as progress:
         for run, method in todo:
             path = run_path(cfg, method, run)
@@ -283,18 +305,26 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
 # ----------------------------------------------------------------------------- 5) statistics and figure
 
 def load_runs(cfg):
+    """Every saved run of each method (at least --num_runs of them), all made with one shared configuration."""
     records, missing = {}, []
     for method in cfg.finetune.methods:
-        records[method] = []
-        for run in range(cfg.finetune.num_runs):
-            path = run_path(cfg, method, run)
-            if os.path.exists(path):
-                records[method].append(artifacts.read_json(path))
-            else:
-                missing.append(os.path.basename(path))
+        missing += [os.path.basename(run_path(cfg, method, r)) for r in range(cfg.finetune.num_runs)
+                    if not os.path.exists(run_path(cfg, method, r))]
+        paths = sorted(glob.glob(os.path.join(cfg.run.output_dir, artifacts.RUNS, f"{method}_run[0-9][0-9][0-9].json")))
+        records[method] = [artifacts.read_json(p) for p in paths]
     if missing:
         raise IGFError(f"{len(missing)} fine-tuning runs are missing from {cfg.run.output_dir} (e.g. {missing[0]}); "
                        "run the finetune stage")
+    shared = {}  # what every method's runs must have in common: model, data, optimizer, steps, seed, device
+    for method, recs in records.items():
+        for rec in recs:
+            common = {k: v for k, v in (rec.get("fingerprint") or {}).items()
+                      if k not in ("method", "learner", "thresholds")}
+            if shared and common != shared:
+                raise IGFError(f"saved runs in {cfg.run.output_dir}/{artifacts.RUNS} were made with different "
+                               f"configurations (e.g. {method} run {rec.get('run')}); keep one configuration per "
+                               "--output_dir")
+            shared = common
     return records
 
 
@@ -307,8 +337,10 @@ def run_statistics_and_plot(cfg):
     results = compare_methods(records)
     out = cfg.run.output_dir
     artifacts.write_json(os.path.join(out, artifacts.RESULTS), results)
-    fig = plot_results(results, records, title=f"{cfg.data.model_name_or_path} - batch {cfg.finetune.batch_size} "
-                                               f"x {cfg.data.context_len} tokens, {cfg.finetune.num_runs} runs/method")
+    first = next(iter(records.values()))[0]  # the runs, not this invocation's flags, say how they were made
+    fig = plot_results(results, records, title=f"batch {first['batch_size']} x {first['context_len']} tokens, "
+                                               f"{first['steps'][-1]} batches, "
+                                               f"{min(len(r) for r in records.values())}+ runs per method")
     artifacts.write_figure(os.path.join(out, artifacts.FIGURE), fig)
     section("5) statistics", **{m: f"final test PPL median {s['final_test_ppl']['median']:.3f}, mean "
                                    f"{s['final_test_ppl']['mean']:.3f} ± {s['final_test_ppl']['se'] or 0:.3f} SE; "
@@ -333,12 +365,17 @@ def run(cfg: Config):
         # 1) objective set: sampled from held-out text, disjoint from the test set and the training pool
         model, sets, ids, data_summary = load_model_and_contexts(cfg, device)
         if cfg.run.overwrite_output_dir:  # only now that model and data loaded: bad input must not cost old results
+            if "ig_pairs" not in stages:
+                raise IGFError("--overwrite_output_dir deletes every artifact, so it needs all stages from ig_pairs "
+                               f"on (got --stages {' '.join(stages)})")
             artifacts.prepare_output_dir(out, overwrite=True)
         timings["load"] = time.perf_counter() - start
-        needs_learner = any(m in IGF_METHODS for m in cfg.finetune.methods) and (
-            {"learner", "finetune"} & set(stages))
+        igf_methods = [m for m in cfg.finetune.methods if m in IGF_METHODS]
+        needs_learner = bool(igf_methods) and bool({"learner", "finetune"} & set(stages))
+        if not igf_methods and {"ig_pairs", "learner"} & set(stages):
+            print("\nno IGF method among --methods: IG pairs and the secondary learner are not needed", flush=True)
         learner = learner_fp = None
-        if needs_learner or "ig_pairs" in stages:
+        if needs_learner or ("ig_pairs" in stages and igf_methods):
             # 2) information gain of single training contexts, measured on the objective set
             t = time.perf_counter()
             pairs = (run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages
@@ -361,8 +398,8 @@ def run(cfg: Config):
         results = run_statistics_and_plot(cfg)
     timings["total"] = time.perf_counter() - start
     # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was
-    artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
-    if stages != ["plot"]:
+    if stages != ["plot"]:  # a redraw leaves the configuration of the run that made the results
+        artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
         artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
     artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)

@@ -1,16 +1,17 @@
 """The output directory: artifact names, atomic writes, and the checks that make resuming safe.
 
-    <output_dir>/config.json             the resolved configuration of the latest completed invocation
+    <output_dir>/config.json             the resolved configuration of the latest completed run (not of a redraw)
     <output_dir>/data.json               token and context counts of each split, and where the text came from
     <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
-    <output_dir>/secondary_learner.pt    learner weights + z-score statistics + the model it was built for
+    <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
-    <output_dir>/runs/<method>_run<r>.json  one fine-tuning run: test-perplexity curve, candidates drawn
+    <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn
     <output_dir>/results.json            statistics over runs (mean, SE, median, Welch t-tests)
     <output_dir>/result_igf.png          the figure (left: curves; right: final perplexities)
     <output_dir>/timings.json            wall-clock seconds of each stage
 
-Every artifact carries a ``fingerprint``: the configuration that determines it. Resuming with a different
+IG pairs, the learner and every run carry a ``fingerprint``: the configuration (and model weights) that
+determine them. Resuming with a different
 fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over.
 """
 import json

@@ -1,7 +1,7 @@
 """One dataclass per stage, the presets, and the command line built from them.
 
 Every field is a flag of the same name (``--context_len 32``); booleans take ``--flag`` / ``--no-flag``.
-The dataclass defaults are the offline default experiment (a 2-core laptop CPU, about 15 minutes);
+The dataclass defaults are the offline default experiment (a 2-core laptop CPU, about 10 minutes);
 ``--preset paper`` switches to the paper's scale, and explicit flags override any preset value.
 """
 import argparse
@@ -79,7 +79,7 @@ class FinetuneConfig:
     max_steps: int = _f(8, "optimizer steps (batches) per run (the paper used 60)")
     learning_rate: float = _f(5e-5, "AdamW peak learning rate, decayed linearly to 0 over --max_steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(0, "linear warm-up steps of the schedule")
+    warmup_steps: int = _f(0, "linear warm-up steps of the schedule (the first step then has learning rate 0)")
     eval_every: int = _f(1, "evaluate test perplexity every this many batches (and after the last)")
     eval_batch_size: int = _f(16, "contexts per forward pass when measuring test perplexity")
     constant_threshold: float = _f(0.0, "igf_constant: keep contexts whose predicted z-scored IG >= this")
@@ -105,7 +105,7 @@ class RunConfig:
     stages: typing.List[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
                                   choices=STAGES)
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
-    preset: str = _f("default", "'default' (laptop CPU, ~15 min) or 'paper' (paper scale, for a GPU)")
+    preset: str = _f("default", "'default' (laptop CPU, ~10 min) or 'paper' (paper scale, for a GPU)")
 
 
 # Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
@@ -207,8 +207,8 @@ def validate(cfg: Config):
             raise IGFError(f"--{name} must be a positive integer, got {value}")
     if d.context_len < 2:
         raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
-    if d.size_test_set < 0 or ft.warmup_steps < 0:
-        raise IGFError("--size_test_set and --warmup_steps must be >= 0")
+    if d.size_test_set < 0 or not 0 <= ft.warmup_steps <= ft.max_steps:
+        raise IGFError(f"--size_test_set must be >= 0 and --warmup_steps between 0 and --max_steps ({ft.max_steps})")
     rates = dict(ig_learning_rate=ig.ig_learning_rate, learner_learning_rate=ln.learner_learning_rate,
                  learning_rate=ft.learning_rate)
     for name, value in rates.items():

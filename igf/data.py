@@ -99,8 +99,9 @@ def build_context_sets(streams, context_len, size_objective_set, size_test_set, 
                        sources=None):
     """Cut and sample the three sets. ``size_test_set=0`` keeps every test context.
 
-    Sampling uses its own generators (``objective_seed``, ``test_seed``) so the sets do not depend on anything
-    else the run does. ``sources`` names each split's origin for error messages.
+    The test set is sampled first; the objective set from validation windows not in it; the training pool is
+    every train window in neither. Sampling uses its own generators (``objective_seed``, ``test_seed``), so the
+    sets depend on nothing else the run does. ``sources`` names each split's origin for error messages.
     """
     sources = sources or {s: f"the {s} text" for s in SPLITS}
     windows = {s: cut_contexts(streams[s], context_len) for s in SPLITS}

@@ -85,7 +85,8 @@ def finetune_run(model, pool, test, *, method, run, seed, ppl_start, scores, thr
     stream = candidate_stream(len(pool), generator)
     optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                                           cfg.max_steps)
-    record = {"method": method, "run": run, "seed": seed, "batch_size": cfg.batch_size, "steps": [0], "test_ppl": [ppl_start],
+    record = {"method": method, "run": run, "seed": seed, "batch_size": cfg.batch_size,
+              "context_len": pool.shape[1], "steps": [0], "test_ppl": [ppl_start],
               "train_loss": [], "candidates_drawn": [], "thresholds": []}
     for step in range(1, cfg.max_steps + 1):
         threshold = threshold_fn(step - 1) if threshold_fn else None

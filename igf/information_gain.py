@@ -118,8 +118,11 @@ class WeightSnapshot:
 
 
 def ig_of_context(model, optimizer, snapshot, x, objective, ppl_before, batch_size, device):
-    """One IG pair: step on context x (T,), measure the objective set, restore. Returns (IG, x's own PPL)."""
-    model.train()
+    """One IG pair: step on context x (T,), measure the objective set, restore. Returns (IG, x's own PPL).
+
+    The step is taken in eval mode: gradients flow as usual, but dropout is off, so IG(X) is a property of X
+    and the pretrained weights, not of a random dropout mask (and a resumed run reproduces it exactly)."""
+    model.eval()
     optimizer.zero_grad(set_to_none=False)  # zero in place: gradient buffers are reused, not re-allocated
     loss = lm_loss(model, x.unsqueeze(0).to(device))  # (1, T) -> scalar
     loss.backward()

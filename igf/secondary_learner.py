@@ -37,15 +37,14 @@ class SecondaryLearner(nn.Module):
 def predict(learner, contexts, batch_size=512):
     """Predicted z-scored IG of each context (N, T) -> (N,), in eval mode (no dropout)."""
     learner.eval()
-    out = torch.cat([learner(chunk) for chunk in contexts.split(batch_size)]) if len(contexts) else torch.zeros(0)
-    return out
+    return torch.cat([learner(chunk) for chunk in contexts.split(batch_size)])
 
 
 def correlations(pred, target):
-    """Pearson and Spearman correlation of predicted vs actual values (NaN when undefined)."""
+    """Pearson and Spearman correlation of predicted vs actual values (None when undefined)."""
     pred, target = [torch.as_tensor(v, dtype=torch.float64).numpy() for v in (pred, target)]
     if len(pred) < 2 or pred.std() == 0 or target.std() == 0:
-        return {"pearson": math.nan, "spearman": math.nan}
+        return {"pearson": None, "spearman": None}
     return {"pearson": float(stats.pearsonr(pred, target)[0]), "spearman": float(stats.spearmanr(pred, target)[0])}
 
 
