@@ -338,9 +338,11 @@ def run_statistics_and_plot(cfg):
     out = cfg.run.output_dir
     artifacts.write_json(os.path.join(out, artifacts.RESULTS), results)
     first = next(iter(records.values()))[0]  # the runs, not this invocation's flags, say how they were made
+    counts = sorted({len(r) for r in records.values()})
+    runs_text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     fig = plot_results(results, records, title=f"batch {first['batch_size']} x {first['context_len']} tokens, "
                                                f"{first['steps'][-1]} batches, "
-                                               f"{min(len(r) for r in records.values())}+ runs per method")
+                                               f"{runs_text} runs per method")
     artifacts.write_figure(os.path.join(out, artifacts.FIGURE), fig)
     section("5) statistics", **{m: f"final test PPL median {s['final_test_ppl']['median']:.3f}, mean "
                                    f"{s['final_test_ppl']['mean']:.3f} ± {s['final_test_ppl']['se'] or 0:.3f} SE; "
