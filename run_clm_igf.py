@@ -102,12 +102,12 @@ def load_model_and_contexts(cfg: Config, device):
     architecture = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}  # not where it lies
     model_id = {"model": d.model_name_or_path, "config": sha(architecture), "weights": weights_sha(model),
                 "vocab": vocab, "embedding_dim": width}
-    section("data and model", model=f"{d.model_name_or_path} ({sum(p.numel() for p in model.parameters()):,} "
-            f"parameters)", device=str(device), **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})"
-                                                   for s in streams},
+    n_params = sum(p.numel() for p in model.parameters())
+    section("data and model", model=f"{d.model_name_or_path} ({n_params:,} parameters)", device=str(device),
+            **{f"{s} tokens": f"{len(streams[s]):,} ({sources[s]})" for s in streams},
             **{f"{k} contexts": f"{v[0]:,} x {v[1]} tokens" for k, v in sets.summary().items()})
     summary = {"sources": sources, "tokens": {s: len(streams[s]) for s in streams}, "contexts": sets.summary(),
-               "model_parameters": sum(p.numel() for p in model.parameters())}
+               "model_parameters": n_params}
     return model, sets, {"model": model_id, "data": data_id, "device": device.type}, summary
 
 
@@ -137,7 +137,8 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
         raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} exceeds the {len(sets.train)} training contexts")
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["ig_pairs"])
     indices = torch.randperm(len(sets.train), generator=g)[: ig.num_ig_pairs]  # a prefix-stable choice
-    pairs = (saved or {}).get("pairs", [])[: ig.num_ig_pairs]
+    # raw pairs only: z-scores are recomputed over the full set when it is complete
+    pairs = [{k: v for k, v in p.items() if k != "ig_z"} for p in (saved or {}).get("pairs", [])]
     section("2) information gain", pairs=f"{len(pairs)} saved, {ig.num_ig_pairs} wanted",
             step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(sets.objective)} contexts")
     ppl_before = perplexity(model, sets.objective, ig.ig_eval_batch_size, device) if (
@@ -159,11 +160,10 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
 
     if len(pairs) < ig.num_ig_pairs:
         optimizer = make_ig_optimizer(ig.ig_optimizer, model.parameters(), ig.ig_learning_rate)
-        pairs = [{k: v for k, v in p.items() if k != "ig_z"} for p in pairs]
         collect_ig_pairs(model, optimizer, sets.train, indices, sets.objective, ppl_before, ig.ig_eval_batch_size,
                          device, pairs, on_checkpoint=lambda ps: artifacts.write_json(path, record(ps)),
                          save_every=ig.ig_save_every)
-    result = record([{k: v for k, v in p.items() if k != "ig_z"} for p in pairs], complete=True)
+    result = record(pairs, complete=True)
     artifacts.write_json(path, result)
     s = result["stats"]
     print(f"  IG over {s['n']} pairs: mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range [{s['ig_min']:.4g}, "
