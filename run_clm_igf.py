@@ -25,7 +25,7 @@ from igf.config import SEED_OFFSETS, Config, parse_args
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.errors import IGFError
 from igf.finetune import acceptance_rate, finetune_run, standardize_scores
-from igf.information_gain import (WeightSnapshot, collect_ig_pairs, make_ig_optimizer, perplexity, zscore)
+from igf.information_gain import WeightSnapshot, collect_ig_pairs, make_ig_optimizer, perplexity, zscore
 from igf.plot import plot_results
 from igf.secondary_learner import SecondaryLearner, predict, train_learner
 from igf.statistics import compare_methods

@@ -92,6 +92,12 @@ def _build_atomically(root, name, build):
         info = build(tmp, scratch) or {}
         _write_manifest(tmp, info)
         os.replace(tmp, final)
+    except (IGFError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a library refusing the file, a full disk, a missing package: one line, no traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise IGFError(f"could not build the asset {name} in {root} ({e.__class__.__name__}: {first}); run "
+                       "`make setup` to install the pinned requirements, then try again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

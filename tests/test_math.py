@@ -10,7 +10,6 @@ from scipy import stats
 from igf import data, finetune, information_gain, statistics, thresholds
 from igf.errors import IGFError
 
-
 # ----------------------------------------------------------------------------- perplexity and IG
 
 @pytest.mark.parametrize("vocab", [2, 7, 29, 1000])

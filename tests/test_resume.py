@@ -7,10 +7,8 @@ import subprocess
 import sys
 import time
 
-from conftest import DRIVER, ROOT, set_flag, tiny_flags
-
 import run_clm_igf
-
+from conftest import DRIVER, ROOT, set_flag, tiny_flags
 
 
 def read_bytes(path):
