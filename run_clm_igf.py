@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -24,14 +25,24 @@ from igf import artifacts, assets
 from igf.config import SEED_OFFSETS, Config, parse_args
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.errors import IGFError
-from igf.finetune import acceptance_rate, finetune_run, standardize_scores
-from igf.information_gain import WeightSnapshot, collect_ig_pairs, make_ig_optimizer, perplexity, zscore
+from igf.estimators import collect_ig_pairs, make_estimator
+from igf.finetune import finetune_run
+from igf.information_gain import WeightSnapshot, perplexity, zscore
 from igf.plot import plot_results
-from igf.secondary_learner import SecondaryLearner, predict, train_learner
-from igf.statistics import compare_methods
+from igf.secondary_learner import SecondaryLearner, correlations, predict, train_learner
+from igf.selection import (
+    CONTROLS,
+    IGF_METHODS,
+    SelectionInputs,
+    acceptance_rate,
+    candidate_stream,
+    make_lm_scorers,
+    make_rule,
+    select_batches,
+    standardize_scores,
+)
+from igf.statistics import compare_methods, markdown_table
 from igf.thresholds import threshold_schedule
-
-IGF_METHODS = ("igf_constant", "igf_shifting")
 
 
 def sha(obj):
@@ -119,56 +130,100 @@ def ig_fingerprint(cfg: Config, sets, ids):
     return {**ids, "train": sha(sets.train), "objective": sha(sets.objective), "context_len": d.context_len,
             "size_objective_set": d.size_objective_set, "ig_optimizer": ig.ig_optimizer,
             "ig_learning_rate": ig.ig_learning_rate, "ig_eval_batch_size": ig.ig_eval_batch_size,
-            "seed": cfg.run.seed}
+            "ig_estimator": ig.ig_estimator, "seed": cfg.run.seed}
+
+
+def ig_statistics(pairs, validation):
+    """Spread of the learner's labels, and how the estimator and a context's own loss track exact IG."""
+    igs = [p["ig"] for p in pairs]
+    stats = {"n": len(pairs), "ig_mean": sum(igs) / len(igs), "ig_min": min(igs), "ig_max": max(igs),
+             "fraction_positive": sum(v > 0 for v in igs) / len(igs), "n_validation": len(validation)}
+    if validation:
+        exact = [v["ig"] for v in validation]
+        stats["estimator_vs_exact"] = correlations([v["estimate"] for v in validation], exact)
+        stats["context_loss_vs_exact"] = correlations([math.log(v["context_ppl"]) for v in validation], exact)
+    return stats
 
 
 def run_ig_pairs(cfg: Config, model, sets, ids, device):
-    """Collect (or resume, or reuse) the IG pairs; returns the saved record with z-scores and statistics."""
+    """Label (or resume, or reuse) the IG pairs; returns the saved record with z-scores and statistics.
+
+    ``pairs``: --num_ig_pairs training contexts labelled by --ig_estimator (the learner trains on them).
+    ``validation``: --num_validation_pairs other training contexts labelled with exact IG (and, for comparison,
+    by the estimator): never trained on, they score the learner and the estimator against the real thing.
+    """
     ig, path = cfg.ig, os.path.join(cfg.run.output_dir, artifacts.IG_PAIRS)
     fingerprint = ig_fingerprint(cfg, sets, ids)
     saved = artifacts.read_json(path) if os.path.exists(path) else None
+    wanted = {"pairs": ig.num_ig_pairs, "validation": ig.num_validation_pairs}
     if saved is not None:
         artifacts.check_fingerprint(path, saved, fingerprint)
-        if len(saved.get("pairs", [])) > ig.num_ig_pairs:  # keeping a prefix would overwrite (lose) the rest
-            raise IGFError(f"{path} holds {len(saved['pairs'])} IG pairs, more than --num_ig_pairs "
-                           f"{ig.num_ig_pairs}; pass --num_ig_pairs {len(saved['pairs'])} to reuse them, or "
-                           "--overwrite_output_dir / another --output_dir to start over")
-    if ig.num_ig_pairs > len(sets.train):
-        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} exceeds the {len(sets.train)} training contexts")
+        for key, flag in (("pairs", "num_ig_pairs"), ("validation", "num_validation_pairs")):
+            if len(saved.get(key, [])) > wanted[key]:  # keeping a prefix would overwrite (lose) the rest
+                raise IGFError(f"{path} holds {len(saved[key])} {key} pairs, more than --{flag} {wanted[key]}; "
+                               f"pass --{flag} {len(saved[key])} to reuse them, or --overwrite_output_dir / "
+                               "another --output_dir to start over")
+    if ig.num_ig_pairs + ig.num_validation_pairs > len(sets.train):
+        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} + --num_validation_pairs {ig.num_validation_pairs} exceed "
+                       f"the {len(sets.train)} training contexts")
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["ig_pairs"])
-    indices = torch.randperm(len(sets.train), generator=g)[: ig.num_ig_pairs]  # a prefix-stable choice
+    order = torch.randperm(len(sets.train), generator=g)
+    # labels from the front of one permutation, validation from its back: both prefix-stable, never overlapping
+    indices = {"pairs": order[: ig.num_ig_pairs], "validation": order.flip(0)[: ig.num_validation_pairs]}
     # raw pairs only: z-scores are recomputed over the full set when it is complete
-    pairs = [{k: v for k, v in p.items() if k != "ig_z"} for p in (saved or {}).get("pairs", [])]
-    section("2) information gain", pairs=f"{len(pairs)} saved, {ig.num_ig_pairs} wanted",
+    done = {key: [{k: v for k, v in p.items() if k != "ig_z"} for p in (saved or {}).get(key, [])]
+            for key in wanted}
+    section("2) information gain", pairs=f"{len(done['pairs'])} saved, {ig.num_ig_pairs} wanted "
+                                         f"({ig.ig_estimator})",
+            validation_pairs=f"{len(done['validation'])} saved, {ig.num_validation_pairs} wanted (exact)",
             step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(sets.objective)} contexts")
-    ppl_before = perplexity(model, sets.objective, ig.ig_eval_batch_size, device) if (
-        len(pairs) < ig.num_ig_pairs) else saved["ppl_before"]
+    incomplete = any(len(done[k]) < wanted[k] for k in wanted) or not (saved or {}).get("complete")
+    ppl_before = perplexity(model, sets.objective, ig.ig_eval_batch_size, device) if incomplete else \
+        saved["ppl_before"]
     if saved is not None and not math.isclose(saved["ppl_before"], ppl_before, rel_tol=1e-9):
         raise IGFError(f"{path}: pretrained objective perplexity is {ppl_before}, saved {saved['ppl_before']}; "
                        "the model changed. Use --overwrite_output_dir")
     print(f"  pretrained objective-set perplexity {ppl_before:.4f}", flush=True)
 
-    def record(pairs, complete=False):
-        out = {"fingerprint": fingerprint, "ppl_before": ppl_before, "complete": complete, "pairs": pairs}
+    def record(complete=False):
+        out = {"fingerprint": fingerprint, "ppl_before": ppl_before, "estimator": ig.ig_estimator,
+               "complete": complete, **done}
         if complete:
-            z, mean, std = zscore([p["ig"] for p in pairs])
-            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(pairs, z)]
-            out["stats"] = {"n": len(pairs), "ig_mean": mean, "ig_std": std, "ig_min": min(p["ig"] for p in pairs),
-                            "ig_max": max(p["ig"] for p in pairs),
-                            "fraction_positive": sum(p["ig"] > 0 for p in pairs) / len(pairs)}
+            z, mean, std = zscore([p["ig"] for p in done["pairs"]])
+            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(done["pairs"], z)]
+            out["stats"] = {**ig_statistics(done["pairs"], done["validation"]), "ig_std": std}
         return out
 
-    if len(pairs) < ig.num_ig_pairs:
-        optimizer = make_ig_optimizer(ig.ig_optimizer, model.parameters(), ig.ig_learning_rate)
-        collect_ig_pairs(model, optimizer, sets.train, indices, sets.objective, ppl_before, ig.ig_eval_batch_size,
-                         device, pairs, on_checkpoint=lambda ps: artifacts.write_json(path, record(ps)),
-                         save_every=ig.ig_save_every)
-    result = record(pairs, complete=True)
+    estimate = partial(make_estimator, model=model, optimizer_name=ig.ig_optimizer, lr=ig.ig_learning_rate,
+                       objective=sets.objective, ppl_before=ppl_before, batch_size=ig.ig_eval_batch_size,
+                       device=device)
+    checkpoint = dict(on_checkpoint=lambda _: artifacts.write_json(path, record()), save_every=ig.ig_save_every)
+    if len(done["pairs"]) < ig.num_ig_pairs:
+        collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["pairs"], done["pairs"], **checkpoint)
+    if incomplete and ig.num_validation_pairs:
+        if len(done["validation"]) < ig.num_validation_pairs:
+            collect_ig_pairs(estimate("exact"), sets.train, indices["validation"], done["validation"],
+                             desc="exact validation pairs", **checkpoint)
+        # the estimator on the same contexts (cheap for first order; for exact it is the same number)
+        estimates = [p["ig"] for p in collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["validation"],
+                                                       [], desc=f"{ig.ig_estimator} on validation")] \
+            if ig.ig_estimator != "exact" else [p["ig"] for p in done["validation"]]
+        done["validation"] = [{**p, "estimate": e} for p, e in zip(done["validation"], estimates)]
+    result = record(complete=True)
     artifacts.write_json(path, result)
     s = result["stats"]
-    print(f"  IG over {s['n']} pairs: mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range [{s['ig_min']:.4g}, "
-          f"{s['ig_max']:.4g}], positive {s['fraction_positive']:.0%}", flush=True)
+    print(f"  IG over {s['n']} pairs ({ig.ig_estimator}): mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range "
+          f"[{s['ig_min']:.4g}, {s['ig_max']:.4g}], positive {s['fraction_positive']:.0%}", flush=True)
+    if s["n_validation"]:
+        print(f"  on {s['n_validation']} exact validation pairs: {ig.ig_estimator} estimate vs exact "
+              f"{_corr(s['estimator_vs_exact'])}; the context's own pretrained loss vs exact "
+              f"{_corr(s['context_loss_vs_exact'])}", flush=True)
     return result
+
+
+def _corr(c):
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"Pearson {fmt(c['pearson'])}, Spearman {fmt(c['spearman'])}"
 
 
 def load_ig_pairs(cfg, sets, ids):
@@ -178,9 +233,11 @@ def load_ig_pairs(cfg, sets, ids):
         raise IGFError(f"{path} not found: run the ig_pairs stage first")
     saved = artifacts.read_json(path)
     artifacts.check_fingerprint(path, saved, ig_fingerprint(cfg, sets, ids))
-    if not saved.get("complete") or len(saved.get("pairs", [])) != cfg.ig.num_ig_pairs:
-        raise IGFError(f"{path} is incomplete or holds {len(saved.get('pairs', []))} pairs, not --num_ig_pairs "
-                       f"{cfg.ig.num_ig_pairs}: rerun with the ig_pairs stage")
+    n, n_val = len(saved.get("pairs", [])), len(saved.get("validation", []))
+    if not saved.get("complete") or n != cfg.ig.num_ig_pairs or n_val != cfg.ig.num_validation_pairs:
+        raise IGFError(f"{path} is incomplete or holds {n} pairs and {n_val} validation pairs, not --num_ig_pairs "
+                       f"{cfg.ig.num_ig_pairs} and --num_validation_pairs {cfg.ig.num_validation_pairs}: rerun "
+                       "with the ig_pairs stage")
     return saved
 
 
@@ -190,7 +247,7 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
     """Train (or reuse) the secondary learner on the z-scored IG pairs."""
     ln, out = cfg.learner, cfg.run.output_dir
     path = os.path.join(out, artifacts.LEARNER)
-    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"]]),
+    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"] + pairs.get("validation", [])]),
                    "learner": vars(ln), "seed": cfg.run.seed}
     arch = dict(channels=ln.learner_channels, kernel_size=ln.learner_kernel_size, hidden=ln.learner_hidden,
                 dropout=ln.learner_dropout)
@@ -225,13 +282,34 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])
     metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
                             ln.learner_learning_rate, ln.learner_batch_size, g)
+    metrics.update(exact_validation_metrics(learner, pairs))
     artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), metrics)
     artifacts.write_torch(path, {"fingerprint": fingerprint, "state": learner.trainable_state(), "arch": arch,
                                  "metrics": metrics})
     r = {k: "n/a" if v is None else f"{v:.3f}" for k, v in metrics.items() if k.endswith(("pearson", "spearman"))}
-    print(f"  held-out pairs: Pearson {r['val_pearson']}, Spearman {r['val_spearman']} (n={metrics['n_val']}, "
-          f"best epoch {metrics['best_epoch']}); training pairs: Pearson {r['train_pearson']}", flush=True)
+    print(f"  held-out labels: Pearson {r['val_pearson']}, Spearman {r['val_spearman']} (n={metrics['n_val']}, "
+          f"best epoch {metrics['best_epoch']}); training labels: Pearson {r['train_pearson']}", flush=True)
+    if metrics.get("n_exact"):
+        print(f"  held-out EXACT IG (n={metrics['n_exact']}): learner Pearson {r['exact_pearson']}, Spearman "
+              f"{r['exact_spearman']}; the context's own pretrained loss alone: Spearman "
+              f"{r['context_loss_spearman']}", flush=True)
     return learner, metrics
+
+
+def exact_validation_metrics(learner, pairs):
+    """How the learner, the label estimator and a one-number rival (the context's own pretrained loss) rank the
+    exact IG of the validation pairs, which nothing was trained on."""
+    validation = pairs.get("validation") or []
+    if not validation:
+        return {"n_exact": 0}
+    exact = [v["ig"] for v in validation]
+    learned = correlations(predict(learner, torch.tensor([v["tokens"] for v in validation])), exact)
+    stats = pairs["stats"]
+    return {"n_exact": len(validation), "exact_pearson": learned["pearson"], "exact_spearman": learned["spearman"],
+            "estimator_exact_pearson": stats["estimator_vs_exact"]["pearson"],
+            "estimator_exact_spearman": stats["estimator_vs_exact"]["spearman"],
+            "context_loss_pearson": stats["context_loss_vs_exact"]["pearson"],
+            "context_loss_spearman": stats["context_loss_vs_exact"]["spearman"]}
 
 
 # ----------------------------------------------------------------------------- 4) fine-tuning
@@ -247,7 +325,8 @@ def thresholds_of(cfg, method):
 
 
 def check_acceptance(cfg, scores, method):
-    """Refuse, before any run, a threshold that would keep (almost) nothing of the pool."""
+    """Refuse, before any run, a threshold that would keep (almost) nothing of the pool; returns the fraction of
+    the pool kept at each batch."""
     fn = thresholds_of(cfg, method)
     rates = [acceptance_rate(scores, fn(b)) for b in range(cfg.finetune.max_steps)]
     worst = min(range(len(rates)), key=rates.__getitem__)
@@ -256,48 +335,84 @@ def check_acceptance(cfg, scores, method):
     if rates[worst] < cfg.finetune.min_acceptance or rates[worst] == 0:  # 0 would draw candidates forever
         raise IGFError(f"{method} threshold {fn(worst):.3g} at batch {worst + 1} keeps {rates[worst]:.2%} of the "
                        f"training pool (minimum --min_acceptance {cfg.finetune.min_acceptance}); lower it")
+    return rates
 
 
-def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, device):
+def selection_inputs(cfg, model, sets, learner, pairs, device):
+    """What the selection rules of --methods score with (igf/selection.py), at the pretrained weights."""
+    ft, methods = cfg.finetune, cfg.finetune.methods
+    inputs, about = SelectionInputs(), {}
+    if learner is None:
+        return inputs, about
+    scores = predict(learner, sets.train)  # (N_pool,) predicted z-scored IG
+    inputs.pool_scores = standardize_scores(scores) if ft.standardize_scores else scores
+    for method in IGF_METHODS:
+        if method in methods or (method == ft.control_matches and set(CONTROLS) & set(methods)):
+            inputs.thresholds[method] = thresholds_of(cfg, method)
+            rates = check_acceptance(cfg, inputs.pool_scores, method)
+            if method == ft.control_matches:
+                inputs.acceptance = rates
+    if set(CONTROLS) & set(methods):
+        print(f"  controls keep the fraction {ft.control_matches} keeps at each batch", flush=True)
+        inputs.scorers, about = make_lm_scorers(methods, model, sets.train, pairs, cfg.ig, sets.objective,
+                                                cfg.ig.ig_eval_batch_size, device)
+        about["acceptance"] = inputs.acceptance
+        for name, scorer in inputs.scorers.items():
+            print(f"  {name}: reference scores of {len(scorer.reference)} labelled contexts", flush=True)
+    return inputs, about
+
+
+def run_fingerprint(cfg, common, method, learner_fp, about):
+    """What a run of ``method`` depends on: the configuration every method shares, and under ``selection``
+    what only its rule uses."""
+    ft, selection = cfg.finetune, {}
+    if method in IGF_METHODS:
+        selection = {"learner": learner_fp, "thresholds": [thresholds_of(cfg, method)(b) for b in range(ft.max_steps)]}
+    elif method in CONTROLS:
+        selection = {"learner": learner_fp, "control_matches": ft.control_matches, "acceptance": about["acceptance"]}
+        if method == "ppl":
+            selection["ppl_direction"] = about["ppl_direction"]
+        if method == "oracle":
+            selection.update(oracle=about["oracle"], objective=about["objective"])
+    return {**common, "method": method, "selection": selection}
+
+
+def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, device):
     ft = cfg.finetune
-    dtype = getattr(torch, ft.torch_dtype)
-    model.to(dtype)
     common = {**ids, "train": sha(sets.train), "test": sha(sets.test), "seed": cfg.run.seed,
               "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
                         ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores]}
-    scores = predict(learner, sets.train) if learner is not None else None  # (N_pool,) predicted z-scored IG
-    if scores is not None and ft.standardize_scores:
-        scores = standardize_scores(scores)
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             batches=f"{ft.max_steps} x {ft.batch_size} contexts", test_set=f"{len(sets.test)} contexts")
-    for method in ft.methods:
-        if method in IGF_METHODS:
-            check_acceptance(cfg, scores, method)
-    snapshot, ppl_start = WeightSnapshot(model), None
+    inputs, about = selection_inputs(cfg, model, sets, learner, pairs, device)
+    about["objective"] = sha(sets.objective)  # the oracle's IG is measured on it
     # run-major order, so an interrupted invocation leaves every method with about as many finished runs
-    todo = [(r, m) for r in range(ft.num_runs) for m in ft.methods]
-    # a context manager: the bar is closed even on an error, so the error line starts a line of its own
-    with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning") as progress:
-        for run, method in todo:
-            path = run_path(cfg, method, run)
-            fingerprint = {**common, "method": method}
-            if method in IGF_METHODS:
-                fingerprint.update(learner=learner_fp, thresholds=[thresholds_of(cfg, method)(b)
-                                                                   for b in range(ft.max_steps)])
-            if os.path.exists(path):
-                saved = artifacts.read_json(path)
-                artifacts.check_fingerprint(path, saved, fingerprint)
-                progress.update(ft.max_steps)
-                continue
+    todo = []
+    for run, method in [(r, m) for r in range(ft.num_runs) for m in ft.methods]:
+        path, fingerprint = run_path(cfg, method, run), run_fingerprint(cfg, common, method, learner_fp, about)
+        if os.path.exists(path):
+            artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
+        else:
+            todo.append((run, method, path, fingerprint))
+    # 4a) every pending run's batches, chosen at the pretrained float32 weights before any training
+    plans = {}
+    for run, method, _, _ in tqdm(todo, desc="selecting batches", disable=not todo):
+        seed = cfg.run.seed + SEED_OFFSETS["finetune"] + run
+        stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
+        plans[run, method] = select_batches(make_rule(method, inputs, seed), stream, ft.batch_size, ft.max_steps)
+    del inputs  # the LM scorers hold a weight snapshot and a gradient: free them before training
+    # 4b) train on the plans
+    model.to(getattr(torch, ft.torch_dtype))
+    snapshot, ppl_start = WeightSnapshot(model), None
+    with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning", disable=not todo) as progress:
+        for run, method, path, fingerprint in todo:
             if ppl_start is None:
                 ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
                 tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
             snapshot.restore()
-            record = finetune_run(model, sets.train, sets.test, method=method, run=run,
-                                  seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start,
-                                  scores=scores if method in IGF_METHODS else None,
-                                  threshold_fn=thresholds_of(cfg, method) if method in IGF_METHODS else None,
-                                  cfg=ft, device=device, progress=progress)
+            record = finetune_run(model, sets.train, sets.test, plans[run, method], method=method, run=run,
+                                  seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start, cfg=ft,
+                                  device=device, progress=progress)
             artifacts.write_json(path, {**record, "fingerprint": fingerprint})
     snapshot.restore()
 
@@ -318,8 +433,7 @@ def load_runs(cfg):
     shared = {}  # what every method's runs must have in common: model, data, optimizer, steps, seed, device
     for method, recs in records.items():
         for rec in recs:
-            common = {k: v for k, v in (rec.get("fingerprint") or {}).items()
-                      if k not in ("method", "learner", "thresholds")}
+            common = {k: v for k, v in (rec.get("fingerprint") or {}).items() if k not in ("method", "selection")}
             if shared and common != shared:
                 raise IGFError(f"saved runs in {cfg.run.output_dir}/{artifacts.RUNS} were made with different "
                                f"configurations (e.g. {method} run {rec.get('run')}); keep one configuration per "
@@ -328,15 +442,15 @@ def load_runs(cfg):
     return records
 
 
-def _p(p):
-    return "n/a (fewer than 2 runs)" if p is None else f"{p:.3g}"
-
-
 def run_statistics_and_plot(cfg):
     records = load_runs(cfg)
     results = compare_methods(records)
     out = cfg.run.output_dir
+    learner_path = os.path.join(out, artifacts.LEARNER_METRICS)
+    results["learner"] = artifacts.read_json(learner_path) if os.path.exists(learner_path) else None
     artifacts.write_json(os.path.join(out, artifacts.RESULTS), results)
+    table = markdown_table(results, results["learner"])
+    artifacts.write_text(os.path.join(out, artifacts.RESULTS_TABLE), table)
     first = next(iter(records.values()))[0]  # the runs, not this invocation's flags, say how they were made
     counts = sorted({len(r) for r in records.values()})
     runs_text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -344,14 +458,10 @@ def run_statistics_and_plot(cfg):
                                                f"{first['steps'][-1]} batches, "
                                                f"{runs_text} runs per method")
     artifacts.write_figure(os.path.join(out, artifacts.FIGURE), fig)
-    section("5) statistics", **{m: f"final test PPL median {s['final_test_ppl']['median']:.3f}, mean "
-                                   f"{s['final_test_ppl']['mean']:.3f} ± {s['final_test_ppl']['se'] or 0:.3f} SE; "
-                                   f"area under curve {s['auc_test_ppl']['mean']:.3f}; "
-                                   f"{s['candidates_per_kept_context']:.2f} candidates per kept context"
-                                for m, s in results["methods"].items()},
-            **{k: f"Welch p = {_p(v['final']['p'])} (final), {_p(v['auc']['p'])} (area under curve)"
-               for k, v in results["tests"].items()})
-    print(f"  figure: {os.path.join(out, artifacts.FIGURE)}", flush=True)
+    section("5) statistics")
+    print(table, flush=True)
+    print(f"  table: {os.path.join(out, artifacts.RESULTS_TABLE)}; figure: {os.path.join(out, artifacts.FIGURE)}",
+          flush=True)
     return results
 
 
@@ -372,12 +482,13 @@ def run(cfg: Config):
                                f"on (got --stages {' '.join(stages)})")
             artifacts.prepare_output_dir(out, overwrite=True)
         timings["load"] = time.perf_counter() - start
-        igf_methods = [m for m in cfg.finetune.methods if m in IGF_METHODS]
-        needs_learner = bool(igf_methods) and bool({"learner", "finetune"} & set(stages))
-        if not igf_methods and {"ig_pairs", "learner"} & set(stages):
-            print("\nno IGF method among --methods: IG pairs and the secondary learner are not needed", flush=True)
-        learner = learner_fp = None
-        if needs_learner or ("ig_pairs" in stages and igf_methods):
+        # the controls keep what IGF keeps, so they need the learner too
+        filtered = [m for m in cfg.finetune.methods if m in IGF_METHODS + CONTROLS]
+        needs_learner = bool(filtered) and bool({"learner", "finetune"} & set(stages))
+        if not filtered and {"ig_pairs", "learner"} & set(stages):
+            print("\nonly standard among --methods: IG pairs and the secondary learner are not needed", flush=True)
+        learner = learner_fp = pairs = None
+        if needs_learner or ("ig_pairs" in stages and filtered):
             # 2) information gain of single training contexts, measured on the objective set
             t = time.perf_counter()
             pairs = (run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages
@@ -392,7 +503,7 @@ def run(cfg: Config):
         if "finetune" in stages:
             # 4) fine-tune: standard and IGF, same seeds, optimizer and batches
             t = time.perf_counter()
-            run_finetune(cfg, model, sets, ids, learner, learner_fp, device)
+            run_finetune(cfg, model, sets, ids, learner, learner_fp, pairs, device)
             timings["finetune"] = time.perf_counter() - t
     results = None
     if "plot" in stages:

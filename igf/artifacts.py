@@ -6,7 +6,9 @@
     <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
     <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn
-    <output_dir>/results.json            statistics over runs (mean, SE, median, Welch t-tests)
+    <output_dir>/results.json            statistics over runs (median, mean, SE, Welch / Mann-Whitney / paired
+                                         Wilcoxon tests, Hedges' g vs standard) and the learner's metrics
+    <output_dir>/results.md              the same as one Markdown table (printed at the end of a run)
     <output_dir>/result_igf.png          the figure (left: curves; right: final perplexities)
     <output_dir>/timings.json            wall-clock seconds of each stage
 
@@ -30,9 +32,10 @@ LEARNER = "secondary_learner.pt"
 LEARNER_METRICS = "secondary_learner.json"
 RUNS = "runs"
 RESULTS = "results.json"
+RESULTS_TABLE = "results.md"
 FIGURE = "result_igf.png"
 TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
-ALL = (CONFIG, DATA, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, FIGURE, TIMINGS)
+ALL = (CONFIG, DATA, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, RESULTS_TABLE, FIGURE, TIMINGS)
 
 
 def dumps(obj) -> str:
@@ -58,6 +61,10 @@ def _atomic(path, write):
 
 def write_json(path, obj):
     _atomic(path, lambda fh: fh.write(dumps(obj).encode()))
+
+
+def write_text(path, text):
+    _atomic(path, lambda fh: fh.write(text.encode()))
 
 
 def write_torch(path, obj):

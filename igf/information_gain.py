@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .errors import IGFError
 
@@ -57,10 +56,61 @@ def zscore(values):
 
 # ----------------------------------------------------------------------------- model evaluation
 
+# Logits are computed this many positions at a time. A (B, T, V) logits tensor is the largest allocation of a
+# forward pass (100 x 32 x 50,257 float32 = 643 MB for GPT-2); on CPU glibc maps and unmaps such a block on every
+# call, and the page faults cost more than the arithmetic. 128 x 50,257 float32 is 26 MB: below glibc's largest
+# mmap threshold (32 MB), so the chunks are recycled from the heap instead.
+CHUNK_POSITIONS = 128
+
+
+def _trunk_and_head(model):
+    """(trunk, output embedding) when the logits are exactly ``head(trunk(ids).last_hidden_state)``, else None
+    (models that scale or soft-cap their logits take the plain path)."""
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    head, trunk = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if head is None or trunk is None or trunk is model:
+        return None
+    return trunk, head
+
+
+def token_nlls(model, ids, chunk_positions=CHUNK_POSITIONS):
+    """Next-token NLL (nats) of every predicted token of ids (B, T): (B, T-1), at least float32.
+
+    Hidden states go through the output embedding ``chunk_positions`` at a time, so no (B, T, V) logits tensor
+    is ever held (with autograd, each chunk's logits are kept for the backward pass as usual)."""
+    target = ids[:, 1:]  # (B, T-1): position t predicts token t+1
+    parts = _trunk_and_head(model)
+    if parts is None:
+        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               reduction="none").view_as(target)
+    trunk, head = parts
+    hidden = trunk(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, D)
+    hidden, flat = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
+    nll = []
+    for h, t in zip(hidden.split(chunk_positions), flat.split(chunk_positions)):
+        logits = head(h)  # (chunk, V)
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        nll.append(F.cross_entropy(logits, t, reduction="none"))
+    return torch.cat(nll).view_as(target)
+
+
 def lm_loss(model, ids):
     """Mean next-token NLL of a batch of contexts (B, T): the loss every optimizer step in this project uses."""
-    nll, n = token_nll(model(input_ids=ids).logits, ids)
-    return nll / n
+    return token_nlls(model, ids).mean()
+
+
+@torch.no_grad()
+def context_losses(model, contexts, batch_size, device):
+    """Mean next-token NLL of each context (N, T) -> (N,) float64, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    out = [token_nlls(model, chunk.to(device)).double().mean(dim=1).cpu() for chunk in contexts.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -70,10 +120,9 @@ def perplexity(model, contexts, batch_size, device):
     model.eval()
     total, count = 0.0, 0
     for chunk in contexts.split(batch_size):
-        chunk = chunk.to(device)
-        nll, n = token_nll(model(input_ids=chunk).logits, chunk)
-        total += nll.double().item()
-        count += n
+        nll = token_nlls(model, chunk.to(device))
+        total += nll.sum().double().item()
+        count += nll.numel()
     model.train(was_training)
     return safe_exp(total / count)
 
@@ -97,60 +146,18 @@ def reset_state(optimizer):
     """Make the optimizer equivalent to a freshly built one: zero its state (Adam's moments and step count)
     in place. Starting from zero is exactly how SGD and Adam initialise; keeping the buffers allocated
     avoids re-allocating (and page-faulting) twice the model's size for every pair."""
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                value.zero_()
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    if state:  # SGD without momentum keeps none
+        torch._foreach_zero_(state)
 
 
 class WeightSnapshot:
     """A copy of the parameters that can be written back in place (bit-exact restore)."""
 
     def __init__(self, model):
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.saved = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def restore(self):
-        for p, s in zip(self.params, self.saved):
-            p.copy_(s)
-
-
-def ig_of_context(model, optimizer, snapshot, x, objective, ppl_before, batch_size, device):
-    """One IG pair: step on context x (T,), measure the objective set, restore. Returns (IG, x's own PPL).
-
-    The step is taken in eval mode: gradients flow as usual, but dropout is off, so IG(X) is a property of X
-    and the pretrained weights, not of a random dropout mask (and a resumed run reproduces it exactly)."""
-    model.eval()
-    optimizer.zero_grad(set_to_none=False)  # zero in place: gradient buffers are reused, not re-allocated
-    loss = lm_loss(model, x.unsqueeze(0).to(device))  # (1, T) -> scalar
-    loss.backward()
-    optimizer.step()
-    ppl_after = perplexity(model, objective, batch_size, device)
-    snapshot.restore()
-    reset_state(optimizer)
-    return information_gain(ppl_before, ppl_after), safe_exp(loss.item())
-
-
-def collect_ig_pairs(model, optimizer, train, indices, objective, ppl_before, batch_size, device, pairs,
-                     on_checkpoint=None, save_every=10):
-    """Extend ``pairs`` (a list of dicts, possibly from an interrupted run) until it covers ``indices``.
-
-    ``indices`` are rows of ``train``; pair i always measures ``train[indices[i]]``, so a resumed run ends with
-    exactly the pairs of an uninterrupted one. ``on_checkpoint(pairs)`` is called every ``save_every`` pairs.
-    """
-    snapshot = WeightSnapshot(model)
-    start = len(pairs)
-    with tqdm(range(start, len(indices)), initial=start, total=len(indices), desc="IG pairs") as bar:
-        for i in bar:  # the bar is closed even on an error, so the error line starts a line of its own
-            row = int(indices[i])
-            ig, context_ppl = ig_of_context(model, optimizer, snapshot, train[row], objective, ppl_before,
-                                            batch_size, device)
-            if not (math.isfinite(ig) and math.isfinite(context_ppl)):
-                raise IGFError(f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, "
-                               f"context PPL={context_ppl}; lower --ig_learning_rate")
-            pairs.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
-                          "context_ppl": context_ppl})
-            if on_checkpoint and (len(pairs) % save_every == 0 or len(pairs) == len(indices)):
-                on_checkpoint(pairs)
-    return pairs
+        torch._foreach_copy_(self.params, self.saved)  # one multi-tensor copy, as torch's optimizers do

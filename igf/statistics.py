@@ -1,5 +1,9 @@
-"""Statistics over seeded runs: mean +- standard error per step, final and area-under-curve summaries, and
-Welch's t-test (unequal variances) of every IGF method against standard fine-tuning."""
+"""Statistics over seeded runs: mean +- standard error per step, final and area-under-curve summaries, and every
+method against a baseline (standard fine-tuning): relative change of the median, Welch's t-test (as the paper),
+Mann-Whitney U, the Wilcoxon signed-rank test over paired runs, and Hedges' g. Run r of every method shares its
+seed and candidate stream, so runs pair up by their "run" index. scipy.stats does every test; the functions here
+only arrange runs into samples and pairs, and return None wherever a number is undefined (results are written as
+JSON without NaN)."""
 import math
 
 import numpy as np
@@ -8,6 +12,10 @@ from scipy import stats
 
 def _finite_or_none(x):
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _constant(values):
+    return len(values) > 0 and min(values) == max(values)
 
 
 def summarize(values):
@@ -26,14 +34,6 @@ def area_under_curve(steps, values):
     return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps)) / (steps[-1] - steps[0]))
 
 
-def welch_t_test(a, b):
-    """Welch's t-test of mean(a) vs mean(b): {'t', 'p'} (None when a side has fewer than two runs)."""
-    if len(a) < 2 or len(b) < 2:
-        return {"t": None, "p": None}
-    res = stats.ttest_ind(a, b, equal_var=False)
-    return {"t": _finite_or_none(res.statistic), "p": _finite_or_none(res.pvalue)}
-
-
 def curve_band(records):
     """Per evaluated step: mean and standard error of test perplexity over runs (records share their steps)."""
     curves = np.asarray([r["test_ppl"] for r in records], dtype=np.float64)  # (runs, evals)
@@ -42,22 +42,189 @@ def curve_band(records):
             "se": [_finite_or_none(x) for x in se]}
 
 
+# ----------------------------------------------------------------------------- one method against the baseline
+
+def relative_median_change(a, b):
+    """(median(a) - median(b)) / median(b): negative when a has the lower median (perplexity); None if median(b) = 0."""
+    mb = float(np.median(b))
+    return None if mb == 0 else (float(np.median(a)) - mb) / mb
+
+
+def welch_t_test(a, b):
+    """Welch's t-test (unequal variances) of mean(a) vs mean(b), two-sided: {'t', 'p'}; t < 0 when a has the lower
+    mean. None when a side has fewer than two runs or neither side varies."""
+    if len(a) < 2 or len(b) < 2 or (_constant(a) and _constant(b)):
+        return {"t": None, "p": None}
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return {"t": _finite_or_none(res.statistic), "p": _finite_or_none(res.pvalue)}
+
+
+def mann_whitney_u(a, b):
+    """Mann-Whitney U test of a vs b, two-sided: {'u' (U of a), 'p'}. None when a side has fewer than two runs or
+    all values are equal."""
+    if len(a) < 2 or len(b) < 2 or _constant(list(a) + list(b)):
+        return {"u": None, "p": None}
+    res = stats.mannwhitneyu(a, b, alternative="two-sided")
+    return {"u": _finite_or_none(res.statistic), "p": _finite_or_none(res.pvalue)}
+
+
+def wilcoxon_signed_rank(a, b):
+    """Wilcoxon signed-rank test of the paired differences a[i] - b[i], two-sided (scipy's defaults: zero differences
+    dropped): {'statistic', 'p', 'n_pairs'}. None when there are fewer than two pairs or every difference is zero."""
+    n = len(a)
+    if n != len(b):
+        raise ValueError(f"paired samples differ in length: {n} vs {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if n < 2 or not np.any(d != 0):
+        return {"statistic": None, "p": None, "n_pairs": n}
+    res = stats.wilcoxon(a, b)
+    return {"statistic": _finite_or_none(res.statistic), "p": _finite_or_none(res.pvalue), "n_pairs": n}
+
+
+def hedges_g(a, b):
+    """Standardized mean difference (mean(a) - mean(b)) / pooled SD (ddof=1), times the small-sample correction
+    J = 1 - 3 / (4 (n_a + n_b) - 9). Negative when a has the lower mean; None for fewer than two runs a side or a
+    pooled SD of zero."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return None
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pooled = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
+    if pooled == 0:
+        return None
+    return _finite_or_none((a.mean() - b.mean()) / pooled * (1 - 3 / (4 * (na + nb) - 9)))
+
+
+def compare_samples(a, b, paired_a, paired_b):
+    """Every comparison of method a with baseline b: unpaired tests on all runs (a, b), the signed-rank test on the
+    runs present in both (paired_a[i] and paired_b[i] come from the same run index)."""
+    return {"median_change": relative_median_change(a, b), "welch": welch_t_test(a, b),
+            "mann_whitney": mann_whitney_u(a, b), "wilcoxon": wilcoxon_signed_rank(paired_a, paired_b),
+            "hedges_g": hedges_g(a, b)}
+
+
+def runs_by_index(records, values):
+    """{run index: value} from a method's records and one value per record. Records without a "run" index cannot
+    be paired and are left out; a run index given twice is an error (the pairing would be ambiguous)."""
+    out = {}
+    for record, value in zip(records, values):
+        run = record.get("run")
+        if run is None:
+            continue
+        if run in out:
+            raise ValueError(f"run {run} of method {record.get('method')!r} appears twice")
+        out[run] = value
+    return out
+
+
+def paired(by_run_a, by_run_b):
+    """Two aligned lists over the run indices present in both methods, in increasing run order."""
+    shared = sorted(set(by_run_a) & set(by_run_b))
+    return [by_run_a[r] for r in shared], [by_run_b[r] for r in shared]
+
+
+# ----------------------------------------------------------------------------- all methods
+
 def compare_methods(records_by_method, baseline="standard"):
-    """Everything the figure and the README report, from the per-run records of each method."""
-    out = {"methods": {}, "tests": {}}
+    """Everything the figure, the Markdown table and the README report, from the per-run records of each method.
+
+    Returns {"baseline": name or None (when absent), "methods": {method: summaries}, "tests": {f"{m}_vs_{baseline}":
+    {"final": comparison, "auc": comparison}}}, where "final" is the test perplexity after the last batch, "auc" the
+    mean test perplexity over the run (area_under_curve), and a comparison is what compare_samples returns."""
+    out = {"baseline": baseline if baseline in records_by_method else None, "methods": {}, "tests": {}}
     finals, aucs = {}, {}
     for method, records in records_by_method.items():
-        finals[method] = [r["test_ppl"][-1] for r in records]
+        finals[method] = [float(r["test_ppl"][-1]) for r in records]
         aucs[method] = [area_under_curve(r["steps"], r["test_ppl"]) for r in records]
         drawn = [d for r in records for d in r["candidates_drawn"]]
         kept = sum(r["batch_size"] * len(r["candidates_drawn"]) for r in records)
         out["methods"][method] = {"final_test_ppl": summarize(finals[method]), "auc_test_ppl": summarize(aucs[method]),
                                   "curve": curve_band(records), "runs": len(records),
                                   "candidates_per_kept_context": sum(drawn) / kept}
-    if baseline in records_by_method:
-        for method in records_by_method:
-            if method != baseline:
-                out["tests"][f"{method}_vs_{baseline}"] = {
-                    "final": welch_t_test(finals[method], finals[baseline]),
-                    "auc": welch_t_test(aucs[method], aucs[baseline])}
+    if out["baseline"] is None:
+        return out
+    base = records_by_method[baseline]
+    for method, records in records_by_method.items():
+        if method == baseline:
+            continue
+        tests = {}
+        for key, values in (("final", finals), ("auc", aucs)):
+            pa, pb = paired(runs_by_index(records, values[method]), runs_by_index(base, values[baseline]))
+            tests[key] = compare_samples(values[method], values[baseline], pa, pb)
+        out["tests"][f"{method}_vs_{baseline}"] = tests
     return out
+
+
+# ----------------------------------------------------------------------------- the Markdown table
+
+def format_p(p):
+    """Three significant digits; scientific below 1e-3; 'n/a' for None."""
+    if p is None:
+        return "n/a"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3g}"
+
+
+def _signed(x, fmt, unit=""):
+    """A number with an explicit sign (the minus as the typographic '−'; none when it rounds to zero); 'n/a' for
+    None."""
+    if x is None:
+        return "n/a"
+    text = format(abs(x), fmt)
+    sign = "" if float(text) == 0 else "−" if x < 0 else "+"
+    return sign + text + unit
+
+
+def _mean_se(s):
+    return f"{s['mean']:.2f} ± {'n/a' if s['se'] is None else format(s['se'], '.2f')}"
+
+
+def _r(x):
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def markdown_table(results, learner=None):
+    """The comparison table of compare_methods' results as Markdown: one row per method (the baseline first), then
+    the secondary learner's held-out correlation with exact IG (when `learner` is given: keys "exact_pearson",
+    "exact_spearman", "n_exact", optionally "context_loss_spearman"), then a legend of the columns."""
+    baseline = results.get("baseline")
+    base_name = baseline or "standard"
+    methods = list(results["methods"])
+    if baseline in methods:
+        methods = [baseline] + [m for m in methods if m != baseline]
+    header = ["method", "final test PPL, median (mean ± SE)", f"median change vs {base_name}",
+              "AUC test PPL, mean ± SE", "candidates per kept context", "Welch p (final / AUC)",
+              "Mann-Whitney p (final / AUC)", "paired Wilcoxon p (final / AUC)", "Hedges' g (final / AUC)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        s = results["methods"][m]
+        final = s["final_test_ppl"]
+        row = [m, f"{final['median']:.2f} ({_mean_se(final)})", "", _mean_se(s["auc_test_ppl"]),
+               f"{s['candidates_per_kept_context']:.2f}", "", "", "", ""]
+        test = results.get("tests", {}).get(f"{m}_vs_{baseline}") if baseline else None
+        if test is not None:
+            f, a = test["final"], test["auc"]
+            n_pairs = f["wilcoxon"]["n_pairs"]
+            change = f["median_change"]
+            row[2] = _signed(None if change is None else 100 * change, ".1f", " %")
+            row[5] = f"{format_p(f['welch']['p'])} / {format_p(a['welch']['p'])}"
+            row[6] = f"{format_p(f['mann_whitney']['p'])} / {format_p(a['mann_whitney']['p'])}"
+            row[7] = f"{format_p(f['wilcoxon']['p'])} / {format_p(a['wilcoxon']['p'])} (n = {n_pairs})"
+            row[8] = f"{_signed(f['hedges_g'], '.2f')} / {_signed(a['hedges_g'], '.2f')}"
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    if learner is not None:
+        n = learner.get("n_exact")
+        text += (f"\nSecondary learner vs held-out exact IG (n = {'n/a' if n is None else n}): "
+                 f"Pearson {_r(learner.get('exact_pearson'))}, Spearman {_r(learner.get('exact_spearman'))}")
+        if "context_loss_spearman" in learner:
+            text += f"; the context's own pretrained loss: Spearman {_r(learner['context_loss_spearman'])}"
+        text += "\n"
+    text += (f"\nFinal: test perplexity (PPL) after the last batch; AUC: mean test PPL over the run (area under the "
+             f"curve / span). Median change (of the final PPL): (median − median of {base_name}) / median of "
+             f"{base_name}, negative = lower perplexity. Candidates per kept context: candidates drawn per context "
+             f"trained on (1 = no filtering). All p-values two-sided against {base_name}: Welch's t-test (unequal "
+             "variances), Mann-Whitney U, and the Wilcoxon signed-rank test over paired runs (run r of each method "
+             "shares its seed and candidate stream; n = runs present in both). Hedges' g: difference of means over "
+             "the pooled SD, small-sample corrected; negative = lower perplexity. n/a: undefined (too few runs, or "
+             "no variation).\n")
+    return text

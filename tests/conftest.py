@@ -91,7 +91,8 @@ def tiny_flags(model, files, output_dir):
     return ["--model_name_or_path", model, "--train_file", files["train"],
             "--validation_file", files["validation"], "--test_file", files["test"],
             "--output_dir", str(output_dir), "--context_len", "16", "--size_objective_set", "8",
-            "--size_test_set", "16", "--num_ig_pairs", "24", "--ig_learning_rate", "1e-3", "--learner_epochs", "20",
+            "--size_test_set", "16", "--num_ig_pairs", "24", "--num_validation_pairs", "8",
+            "--ig_learning_rate", "1e-3", "--learner_epochs", "20",
             "--learner_learning_rate", "1e-2",
             "--num_runs", "2", "--batch_size", "4", "--max_steps", "3", "--learning_rate", "1e-3",
             "--shift_batches", "1", "--shift_strict", "0.5", "--shift_loose", "-0.5", "--min_acceptance", "0.0"]

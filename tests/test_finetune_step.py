@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from igf.finetune import candidate_stream, finetune_run
+from igf.finetune import finetune_run
+from igf.selection import Rule, candidate_stream, select_batches
 
 CPU = torch.device("cpu")
 SEED = 1234
@@ -43,6 +44,14 @@ def kept_rows_by_hand(pool_size, scores, threshold, batch_size, seed):
         if scores[row] >= threshold:
             kept.append(row)
     return kept, drawn
+
+
+def plan_of(pool_size, scores, threshold):
+    """The run's batches as the driver plans them: the seeded stream filtered by the library's selection."""
+    rule = Rule(None, lambda b: -math.inf) if threshold is None else Rule(lambda rows: scores[rows],
+                                                                          lambda b: threshold)
+    stream = candidate_stream(pool_size, torch.Generator().manual_seed(SEED))
+    return select_batches(rule, stream, BATCH, CFG.max_steps)
 
 
 def context_loss(model, ids):
@@ -82,10 +91,9 @@ def test_one_step_is_the_mean_gradient_of_the_kept_contexts(setup, threshold):
     else:
         assert kept == drawn
 
-    record = finetune_run(model, pool, test, method="igf_constant" if filtered else "standard", run=0, seed=SEED,
-                          ppl_start=99.0, scores=scores if filtered else None,
-                          threshold_fn=(lambda batch: threshold) if filtered else None, cfg=CFG, device=CPU)
-    assert record["candidates_drawn"] == [len(drawn)]
+    record = finetune_run(model, pool, test, plan_of(len(pool), scores, threshold), method="igf_constant"
+                          if filtered else "standard", run=0, seed=SEED, ppl_start=99.0, cfg=CFG, device=CPU)
+    assert record["candidates_drawn"] == [len(drawn)] and record["kept_rows"] == [kept]
     assert record["thresholds"] == [threshold]
     assert record["steps"] == [0, 1] and record["test_ppl"][0] == 99.0
     assert len(record["train_loss"]) == 1
@@ -109,8 +117,8 @@ def test_the_batch_is_not_one_context(setup):
     pretrained, pool, test, scores = setup
     model = copy.deepcopy(pretrained)
     kept, _ = kept_rows_by_hand(len(pool), scores, 0.3, BATCH, SEED)
-    finetune_run(model, pool, test, method="igf_constant", run=0, seed=SEED, ppl_start=1.0, scores=scores,
-                 threshold_fn=lambda batch: 0.3, cfg=CFG, device=CPU)
+    finetune_run(model, pool, test, plan_of(len(pool), scores, 0.3), method="igf_constant", run=0, seed=SEED,
+                 ppl_start=1.0, cfg=CFG, device=CPU)
     buggy = independent_step(pretrained, pool, kept[-1:], CFG)
     diff = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), buggy.parameters()))
     assert diff > 1e-3

@@ -17,7 +17,8 @@ import torch
 import run_clm_igf
 from conftest import tiny_flags
 from igf import artifacts
-from igf.config import METHODS, PRESETS, DataConfig, FinetuneConfig, parse_args
+from igf.config import DEFAULT_METHODS as METHODS
+from igf.config import PRESETS, DataConfig, FinetuneConfig, parse_args
 
 IGF = ["igf_constant", "igf_shifting"]
 
@@ -263,11 +264,11 @@ def spy_perplexity(monkeypatch, *modules):
 
 
 def test_ig_eval_batch_size_only_changes_batching(base, tmp_path, monkeypatch):
-    from igf import information_gain
+    from igf import estimators
 
-    sizes = spy_perplexity(monkeypatch, run_clm_igf, information_gain)
+    sizes = spy_perplexity(monkeypatch, run_clm_igf, estimators)
     pairs, ref = ig_run(base, tmp_path / "bs3", ig_eval_batch_size=3), load(out_dir(base), artifacts.IG_PAIRS)
-    assert sizes == [3] * 25  # before any step, then after the step on each of the 24 pairs
+    assert sizes == [3] * (1 + 24 + 8)  # before any step, then after the step on each of 24 pairs + 8 validation
     assert pairs["ppl_before"] == pytest.approx(ref["ppl_before"], rel=1e-5)
     # IG is a difference of two perplexities: compare it on the scale of the perplexities it comes from
     assert ig_values(pairs) == pytest.approx(ig_values(ref), rel=1e-5, abs=1e-5 * ref["ppl_before"])
@@ -280,15 +281,18 @@ def test_ig_save_every_sets_the_checkpoint_interval(base, tmp_path, monkeypatch)
 
     def counting(path, obj):
         if os.path.basename(path) == artifacts.IG_PAIRS:
-            writes.append((len(obj["pairs"]), obj["complete"]))
+            writes.append((len(obj["pairs"]), len(obj["validation"]), obj["complete"]))
         write_json(path, obj)
 
     monkeypatch.setattr(artifacts, "write_json", counting)
     pairs = ig_run(base, tmp_path / "every5", ig_save_every=5)  # 24 pairs
-    assert writes == [(5, False), (10, False), (15, False), (20, False), (24, False), (24, True)]
+    # 24 labelled pairs, then 8 exact validation pairs, then the complete record
+    assert writes == [(5, 0, False), (10, 0, False), (15, 0, False), (20, 0, False), (24, 0, False), (24, 5, False),
+                      (24, 8, False), (24, 8, True)]
     writes.clear()
     ig_run(base, tmp_path / "every7", ig_save_every=7)
-    assert writes == [(7, False), (14, False), (21, False), (24, False), (24, True)]
+    assert writes == [(7, 0, False), (14, 0, False), (21, 0, False), (24, 0, False), (24, 7, False), (24, 8, False),
+                      (24, 8, True)]
     # checkpointing does not change the result
     assert artifacts.dumps(pairs) == read_bytes(out_dir(base), artifacts.IG_PAIRS).decode()
 

@@ -1,5 +1,6 @@
 """Pure functions against hand-computed values: perplexity, z-scores, IG sign, thresholds, statistics,
 candidate selection, and the construction of disjoint context sets."""
+import itertools
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from igf import data, finetune, information_gain, statistics, thresholds
+from igf import data, information_gain, selection, statistics, thresholds
 from igf.errors import IGFError
 
 # ----------------------------------------------------------------------------- perplexity and IG
@@ -153,34 +154,46 @@ def test_compare_methods():
     assert out["methods"]["standard"]["runs"] == 2
     assert set(out["tests"]) == {"igf_constant_vs_standard"}
     ref = stats.ttest_ind([7.0, 7.2], [8.0, 8.5], equal_var=False)
-    assert out["tests"]["igf_constant_vs_standard"]["final"]["p"] == pytest.approx(ref.pvalue)
+    assert out["tests"]["igf_constant_vs_standard"]["final"]["welch"]["p"] == pytest.approx(ref.pvalue)
 
 
 # ----------------------------------------------------------------------------- candidate selection
 
+def candidates(order, scores=None):
+    return selection.scored(iter(order), None if scores is None else (lambda rows: scores[rows]), chunk=1)
+
+
 def test_select_batch_keeps_passing_rows_in_stream_order():
     scores = torch.tensor([0.9, -1.0, 0.1, 0.5, -0.2, 2.0, 0.0])
     order = [3, 1, 4, 6, 0, 2, 5]
-    kept, drawn = finetune.select_batch(iter(order), 3, scores, threshold=0.0)
+    kept, drawn = selection.select_batch(candidates(order, scores), 3, threshold=0.0)
     assert kept == [3, 6, 0]  # 3 (0.5), 1 rejected, 4 rejected, 6 (0.0 >= 0.0 kept), 0 (0.9)
     assert drawn == 5
-    stream = iter(order)
-    kept, drawn = finetune.select_batch(stream, 2, scores, threshold=0.6)
+    kept, drawn = selection.select_batch(candidates(order, scores), 2, threshold=0.6)
     assert (kept, drawn) == ([0, 5], 7)
-    kept, drawn = finetune.select_batch(iter(order), 4)  # standard: every candidate
+    kept, drawn = selection.select_batch(candidates(order), 4, -math.inf)  # standard: every candidate
     assert (kept, drawn) == ([3, 1, 4, 6], 4)
 
 
-def test_select_batch_continues_the_stream_across_batches():
-    stream = iter([0, 1, 2, 3, 4, 5, 6, 7])
-    scores = torch.tensor([1.0, -1.0] * 4)
-    assert finetune.select_batch(stream, 2, scores, 0.0) == ([0, 2], 3)
-    assert finetune.select_batch(stream, 2, scores, 0.0) == ([4, 6], 4)
+def test_select_batches_continue_the_stream_and_score_in_chunks():
+    scores = torch.tensor([1.0, -1.0] * 8)
+    calls = []
+
+    def score(rows):
+        calls.append(list(rows))
+        return scores[rows]
+
+    rule = selection.Rule(score, lambda b: 0.0, chunk=4)
+    plan = selection.select_batches(rule, iter(range(16)), 2, 2)
+    assert plan.batches == [[0, 2], [4, 6]] and plan.drawn == [3, 4] and plan.thresholds == [0.0, 0.0]
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7]]  # scored a chunk at a time, in stream order
+    standard = selection.select_batches(selection.Rule(None, lambda b: -math.inf), itertools.count(), 3, 2)
+    assert standard.batches == [[0, 1, 2], [3, 4, 5]] and standard.thresholds == [None, None]
 
 
 def test_candidate_stream_is_seeded_and_covers_each_pass():
-    s1 = finetune.candidate_stream(5, torch.Generator().manual_seed(3))
-    s2 = finetune.candidate_stream(5, torch.Generator().manual_seed(3))
+    s1 = selection.candidate_stream(5, torch.Generator().manual_seed(3))
+    s2 = selection.candidate_stream(5, torch.Generator().manual_seed(3))
     first = [next(s1) for _ in range(15)]
     assert first == [next(s2) for _ in range(15)]
     for k in range(3):
@@ -189,9 +202,33 @@ def test_candidate_stream_is_seeded_and_covers_each_pass():
 
 def test_acceptance_rate():
     scores = torch.tensor([-1.0, 0.0, 0.5, 2.0])
-    assert finetune.acceptance_rate(scores, 0.0) == 0.75
-    assert finetune.acceptance_rate(scores, 3.0) == 0.0
-    assert finetune.acceptance_rate(scores, -5.0) == 1.0
+    assert selection.acceptance_rate(scores, 0.0) == 0.75
+    assert selection.acceptance_rate(scores, 3.0) == 0.0
+    assert selection.acceptance_rate(scores, -5.0) == 1.0
+
+
+def test_top_fraction_threshold():
+    reference = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert selection.top_fraction_threshold(reference, 0.4) == 4.0  # keeps 5 and 4
+    assert selection.top_fraction_threshold(reference, 0.5) == 3.0  # ceil(2.5) = 3 values
+    assert selection.top_fraction_threshold(reference, 1.0) == 1.0
+    assert selection.top_fraction_threshold(reference, 0.0) == math.inf
+
+
+def test_ppl_direction_is_the_sign_of_the_rank_correlation():
+    ig = [1.0, 2.0, 3.0, 4.0]
+    assert selection.ppl_direction([10.0, 20.0, 30.0, 40.0], ig) == 1  # loss rises with IG: keep high loss
+    assert selection.ppl_direction([40.0, 30.0, 20.0, 10.0], ig) == -1
+    assert selection.ppl_direction([5.0, 5.0, 5.0, 5.0], ig) == 1  # undefined: the default direction
+
+
+def test_random_rule_keeps_the_matched_fraction():
+    inputs = selection.SelectionInputs(acceptance=[0.25, 0.75])
+    plans = [selection.select_batches(selection.make_rule("random", inputs, seed), iter(range(10 ** 6)), 400, 2)
+             for seed in range(3)]
+    for b, rate in enumerate([0.25, 0.75]):
+        drawn = sum(p.drawn[b] for p in plans)
+        assert 1200 / drawn == pytest.approx(rate, abs=0.03)  # ~4 binomial SEs at 1,200 kept
 
 
 # ----------------------------------------------------------------------------- contexts

@@ -14,7 +14,8 @@ import torch
 import run_clm_igf
 from conftest import ROOT, tiny_flags
 from igf import artifacts
-from igf.config import METHODS, parse_args
+from igf.config import DEFAULT_METHODS as METHODS
+from igf.config import parse_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,96 @@
+"""The control methods end to end on the tiny model: every method runs on the same candidate stream; random
+keeps candidates at the matched IGF method's rate; ppl ranks by the pretrained loss in the direction that
+tracks IG on the labelled pairs; oracle ranks by the LM's first-order IG; all appear in the statistics."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from scipy import stats
+from transformers import AutoModelForCausalLM
+
+import run_clm_igf
+from conftest import tiny_flags
+from igf import artifacts
+from igf.config import METHODS
+from igf.information_gain import context_losses
+
+RUNS = 4
+
+
+@pytest.fixture(scope="module")
+def study(tiny_model, text_files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("controls") / "out"
+    args = tiny_flags(tiny_model, text_files, folder)
+    args[args.index("--num_runs") + 1] = str(RUNS)
+    args[args.index("--batch_size") + 1] = "6"
+    assert run_clm_igf.main(args + ["--methods", *METHODS]) == 0
+    runs = {m: [json.load(open(os.path.join(folder, artifacts.RUNS, f"{m}_run{r:03d}.json"))) for r in range(RUNS)]
+            for m in METHODS}
+    return folder, runs
+
+
+def test_every_method_runs_and_is_compared(study):
+    folder, runs = study
+    results = json.load(open(os.path.join(folder, artifacts.RESULTS)))
+    assert set(results["methods"]) == set(METHODS)
+    assert set(results["tests"]) == {f"{m}_vs_standard" for m in METHODS if m != "standard"}
+    table = open(os.path.join(folder, artifacts.RESULTS_TABLE)).read()
+    assert all(f"| {m} |" in table for m in METHODS) and "held-out exact IG" in table
+    for m in METHODS:
+        for r, rec in enumerate(runs[m]):
+            assert rec["seed"] == runs["standard"][r]["seed"]  # run r of every method: the same stream
+            assert [len(rows) for rows in rec["kept_rows"]] == [6] * 3
+    # standard takes the stream as it comes; every filter skips some of it
+    assert all(d == 6 for rec in runs["standard"] for d in rec["candidates_drawn"])
+    for m in ("igf_constant", "random", "ppl", "oracle"):
+        assert sum(d for rec in runs[m] for d in rec["candidates_drawn"]) > RUNS * 3 * 6, m
+
+
+def test_random_matches_the_igf_acceptance(study):
+    """Drawing until k of Bernoulli(a) candidates pass takes k/a draws on average, variance k(1-a)/a^2
+    (negative binomial): random's total draws must lie within 4 SD of what IGF's acceptance implies."""
+    folder, runs = study
+    acceptance = runs["random"][0]["fingerprint"]["selection"]["acceptance"]
+    kept = 6 * RUNS
+    for b, a in enumerate(acceptance):
+        drawn = sum(rec["candidates_drawn"][b] for rec in runs["random"])
+        mean, sd = kept / a, math.sqrt(kept * (1 - a)) / a
+        assert abs(drawn - mean) <= 4 * sd + 1e-9, (b, a, drawn, mean, sd)
+        assert runs["random"][0]["thresholds"][b] == pytest.approx(1 - a)  # keep when u >= 1 - a
+    # the matched method keeps that fraction of the pool: its draws agree with the same expectation
+    igf_drawn = sum(sum(rec["candidates_drawn"]) for rec in runs["igf_constant"])
+    expected = sum(kept / a for a in acceptance)
+    assert abs(igf_drawn - expected) <= 4 * math.sqrt(sum(kept * (1 - a) / a ** 2 for a in acceptance))
+
+
+def test_ppl_keeps_by_pretrained_loss_in_the_direction_of_ig(study, tiny_model):
+    folder, runs = study
+    pairs = json.load(open(os.path.join(folder, artifacts.IG_PAIRS)))["pairs"]
+    rho = stats.spearmanr([math.log(p["context_ppl"]) for p in pairs], [p["ig"] for p in pairs])[0]
+    direction = 1 if rho >= 0 else -1
+    expected = "keep high pretrained loss" if direction > 0 else "keep low pretrained loss"
+    assert runs["ppl"][0]["fingerprint"]["selection"]["ppl_direction"] == expected
+    # every kept context passes the batch's threshold on direction * its pretrained loss
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    sets = run_clm_igf_sets(folder)
+    for rec in runs["ppl"]:
+        for rows, threshold in zip(rec["kept_rows"], rec["thresholds"]):
+            losses = context_losses(model, sets[rows], 8, torch.device("cpu"))
+            assert all(direction * v >= threshold - 1e-12 for v in losses.tolist())
+
+
+def run_clm_igf_sets(folder):
+    """The training pool of the run in ``folder``, rebuilt from its saved configuration."""
+    cfg = run_clm_igf.parse_args(config_argv(json.load(open(os.path.join(folder, artifacts.CONFIG)))))
+    _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
+    return sets.train
+
+
+def config_argv(config):
+    d = config["data"]
+    return ["--model_name_or_path", d["model_name_or_path"], "--train_file", d["train_file"], "--validation_file",
+            d["validation_file"], "--test_file", d["test_file"], "--context_len", str(d["context_len"]),
+            "--size_objective_set", str(d["size_objective_set"]), "--size_test_set", str(d["size_test_set"]),
+            "--seed", str(config["run"]["seed"])]
