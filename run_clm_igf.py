@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from igf import artifacts, assets
 from igf.config import SEED_OFFSETS, Config, parse_args
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
+from igf.distributed import Launch, OutputLock
 from igf.errors import IGFError
 from igf.estimators import collect_ig_pairs, make_estimator
 from igf.finetune import finetune_run
@@ -36,6 +37,7 @@ from igf.selection import (
     SelectionInputs,
     acceptance_rate,
     candidate_stream,
+    control_settings,
     make_lm_scorers,
     make_rule,
     select_batches,
@@ -70,9 +72,11 @@ def file_sha(path):
         return sha(fh.read())
 
 
-def resolve_device(name):
+def resolve_device(name, launch):
+    """The device of this process: --device, or with 'auto' the launcher's choice (cuda:<local rank>), else cuda
+    when available, else cpu."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return launch.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise IGFError(f"--device {name} requested but CUDA is not available")
     try:
@@ -145,7 +149,7 @@ def ig_statistics(pairs, validation):
     return stats
 
 
-def run_ig_pairs(cfg: Config, model, sets, ids, device):
+def run_ig_pairs(cfg: Config, model, sets, ids, device, launch):
     """Label (or resume, or reuse) the IG pairs; returns the saved record with z-scores and statistics.
 
     ``pairs``: --num_ig_pairs training contexts labelled by --ig_estimator (the learner trains on them).
@@ -197,7 +201,8 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
     estimate = partial(make_estimator, model=model, optimizer_name=ig.ig_optimizer, lr=ig.ig_learning_rate,
                        objective=sets.objective, ppl_before=ppl_before, batch_size=ig.ig_eval_batch_size,
                        device=device)
-    checkpoint = dict(on_checkpoint=lambda _: artifacts.write_json(path, record()), save_every=ig.ig_save_every)
+    write = artifacts.write_json if launch.is_main else (lambda *_: None)  # every process holds the same pairs
+    checkpoint = dict(on_checkpoint=lambda _: write(path, record()), save_every=ig.ig_save_every, launch=launch)
     if len(done["pairs"]) < ig.num_ig_pairs:
         collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["pairs"], done["pairs"], **checkpoint)
     if incomplete and ig.num_validation_pairs:
@@ -206,11 +211,11 @@ def run_ig_pairs(cfg: Config, model, sets, ids, device):
                              desc="exact validation pairs", **checkpoint)
         # the estimator on the same contexts (cheap for first order; for exact it is the same number)
         estimates = [p["ig"] for p in collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["validation"],
-                                                       [], desc=f"{ig.ig_estimator} on validation")] \
+                                                       [], desc=f"{ig.ig_estimator} on validation", launch=launch)] \
             if ig.ig_estimator != "exact" else [p["ig"] for p in done["validation"]]
         done["validation"] = [{**p, "estimate": e} for p, e in zip(done["validation"], estimates)]
     result = record(complete=True)
-    artifacts.write_json(path, result)
+    write(path, result)
     s = result["stats"]
     print(f"  IG over {s['n']} pairs ({ig.ig_estimator}): mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range "
           f"[{s['ig_min']:.4g}, {s['ig_max']:.4g}], positive {s['fraction_positive']:.0%}", flush=True)
@@ -243,8 +248,8 @@ def load_ig_pairs(cfg, sets, ids):
 
 # ----------------------------------------------------------------------------- 3) secondary learner
 
-def run_learner(cfg: Config, model, pairs, ids, train_it):
-    """Train (or reuse) the secondary learner on the z-scored IG pairs."""
+def run_learner(cfg: Config, model, pairs, ids, train_it, write=True):
+    """Train (or reuse) the secondary learner on the z-scored IG pairs; ``write=False`` only loads it."""
     ln, out = cfg.learner, cfg.run.output_dir
     path = os.path.join(out, artifacts.LEARNER)
     fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"] + pairs.get("validation", [])]),
@@ -273,7 +278,8 @@ def run_learner(cfg: Config, model, pairs, ids, train_it):
             raise IGFError(f"{path} does not fit this secondary learner ({str(e).splitlines()[0][:200]}); use "
                            "--overwrite_output_dir") from None
         print(f"\n=== 3) secondary learner ===\n  reusing {path}", flush=True)
-        artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), saved["metrics"])
+        if write:
+            artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), saved["metrics"])
         return learner, saved["metrics"]
     tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
     z = torch.tensor([p["ig_z"] for p in pairs["pairs"]], dtype=torch.float32)  # (N,)
@@ -338,12 +344,13 @@ def check_acceptance(cfg, scores, method):
     return rates
 
 
-def selection_inputs(cfg, model, sets, learner, pairs, device):
-    """What the selection rules of --methods score with (igf/selection.py), at the pretrained weights."""
+def selection_inputs(cfg, sets, learner, pairs):
+    """What the selection rules of --methods score with (igf/selection.py), without the LM scorers: the
+    learner's pool scores, IGF's thresholds, the matched acceptance and the controls' settings."""
     ft, methods = cfg.finetune, cfg.finetune.methods
-    inputs, about = SelectionInputs(), {}
+    inputs = SelectionInputs()
     if learner is None:
-        return inputs, about
+        return inputs, {}
     scores = predict(learner, sets.train)  # (N_pool,) predicted z-scored IG
     inputs.pool_scores = standardize_scores(scores) if ft.standardize_scores else scores
     for method in IGF_METHODS:
@@ -352,14 +359,12 @@ def selection_inputs(cfg, model, sets, learner, pairs, device):
             rates = check_acceptance(cfg, inputs.pool_scores, method)
             if method == ft.control_matches:
                 inputs.acceptance = rates
+    settings = control_settings(methods, pairs, cfg.ig)
     if set(CONTROLS) & set(methods):
-        print(f"  controls keep the fraction {ft.control_matches} keeps at each batch", flush=True)
-        inputs.scorers, about = make_lm_scorers(methods, model, sets.train, pairs, cfg.ig, sets.objective,
-                                                cfg.ig.ig_eval_batch_size, device)
-        about["acceptance"] = inputs.acceptance
-        for name, scorer in inputs.scorers.items():
-            print(f"  {name}: reference scores of {len(scorer.reference)} labelled contexts", flush=True)
-    return inputs, about
+        print(f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch"
+              + (f"; ppl keeps {'high' if settings['ppl_direction'] > 0 else 'low'} pretrained loss"
+                 if "ppl" in settings else ""), flush=True)
+    return inputs, {**settings, "acceptance": inputs.acceptance, "objective": sha(sets.objective)}
 
 
 def run_fingerprint(cfg, common, method, learner_fp, about):
@@ -377,15 +382,14 @@ def run_fingerprint(cfg, common, method, learner_fp, about):
     return {**common, "method": method, "selection": selection}
 
 
-def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, device):
+def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, device, launch):
     ft = cfg.finetune
     common = {**ids, "train": sha(sets.train), "test": sha(sets.test), "seed": cfg.run.seed,
               "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
-                        ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores]}
+                        ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores, ft.mixed_precision]}
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             batches=f"{ft.max_steps} x {ft.batch_size} contexts", test_set=f"{len(sets.test)} contexts")
-    inputs, about = selection_inputs(cfg, model, sets, learner, pairs, device)
-    about["objective"] = sha(sets.objective)  # the oracle's IG is measured on it
+    inputs, about = selection_inputs(cfg, sets, learner, pairs)
     # run-major order, so an interrupted invocation leaves every method with about as many finished runs
     todo = []
     for run, method in [(r, m) for r in range(ft.num_runs) for m in ft.methods]:
@@ -394,6 +398,11 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, devi
             artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
         else:
             todo.append((run, method, path, fingerprint))
+    todo = launch.deal(todo)  # this process's runs; each writes its own run files
+    scored_by_lm = {m for _, m, _, _ in todo} & {"ppl", "oracle"}
+    if scored_by_lm:  # only for runs still to do: scoring the reference sample costs LM passes
+        inputs.scorers = make_lm_scorers(scored_by_lm, about, model, sets.train, pairs, cfg.ig, sets.objective,
+                                         cfg.ig.ig_eval_batch_size, device)
     # 4a) every pending run's batches, chosen at the pretrained float32 weights before any training
     plans = {}
     for run, method, _, _ in tqdm(todo, desc="selecting batches", disable=not todo):
@@ -404,6 +413,7 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, devi
     # 4b) train on the plans
     model.to(getattr(torch, ft.torch_dtype))
     snapshot, ppl_start = WeightSnapshot(model), None
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=ft.mixed_precision == "bf16")
     with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning", disable=not todo) as progress:
         for run, method, path, fingerprint in todo:
             if ppl_start is None:
@@ -412,7 +422,7 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, devi
             snapshot.restore()
             record = finetune_run(model, sets.train, sets.test, plans[run, method], method=method, run=run,
                                   seed=cfg.run.seed + SEED_OFFSETS["finetune"] + run, ppl_start=ppl_start, cfg=ft,
-                                  device=device, progress=progress)
+                                  device=device, autocast=autocast, progress=progress)
             artifacts.write_json(path, {**record, "fingerprint": fingerprint})
     snapshot.restore()
 
@@ -467,20 +477,42 @@ def run_statistics_and_plot(cfg):
 
 # ----------------------------------------------------------------------------- the driver
 
-def run(cfg: Config):
+def run(cfg: Config, launch=None):
+    """Every stage of --stages, under one lock on --output_dir. ``launch`` (igf/distributed.py) says which
+    process this is; without a launcher it is the only one."""
+    launch = launch or Launch()
+    out, lock, error = cfg.run.output_dir, None, None
+    if launch.is_main:
+        try:
+            artifacts.prepare_output_dir(out, overwrite=False)  # fail early if unwritable; delete nothing yet
+            lock = OutputLock(out).acquire()  # one writer per output folder
+        except IGFError as e:
+            error = str(e)
+    launch.agree(error)  # a refusal stops every process, not only the main one
+    try:
+        with launch.quiet_unless_main():
+            return run_stages(cfg, launch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_stages(cfg: Config, launch):
     out, stages = cfg.run.output_dir, cfg.run.stages
-    artifacts.prepare_output_dir(out, overwrite=False)  # fail early if unwritable; delete nothing yet
     print("configuration:\n" + artifacts.dumps(cfg.to_dict()), flush=True)
+    print(f"launch: {launch.describe()}", flush=True)
     timings, start = {}, time.perf_counter()
     if stages != ["plot"]:
-        device = resolve_device(cfg.run.device)
+        device = resolve_device(cfg.run.device, launch)
         # 1) objective set: sampled from held-out text, disjoint from the test set and the training pool
         model, sets, ids, data_summary = load_model_and_contexts(cfg, device)
         if cfg.run.overwrite_output_dir:  # only now that model and data loaded: bad input must not cost old results
             if "ig_pairs" not in stages:
                 raise IGFError("--overwrite_output_dir deletes every artifact, so it needs all stages from ig_pairs "
                                f"on (got --stages {' '.join(stages)})")
-            artifacts.prepare_output_dir(out, overwrite=True)
+            if launch.is_main:
+                artifacts.prepare_output_dir(out, overwrite=True)
+            launch.wait()
         timings["load"] = time.perf_counter() - start
         # the controls keep what IGF keeps, so they need the learner too
         filtered = [m for m in cfg.finetune.methods if m in IGF_METHODS + CONTROLS]
@@ -489,33 +521,41 @@ def run(cfg: Config):
             print("\nonly standard among --methods: IG pairs and the secondary learner are not needed", flush=True)
         learner = learner_fp = pairs = None
         if needs_learner or ("ig_pairs" in stages and filtered):
-            # 2) information gain of single training contexts, measured on the objective set
+            # 2) information gain of single training contexts, measured on the objective set (labels sharded)
             t = time.perf_counter()
-            pairs = (run_ig_pairs(cfg, model, sets, ids, device) if "ig_pairs" in stages
+            pairs = (run_ig_pairs(cfg, model, sets, ids, device, launch) if "ig_pairs" in stages
                      else load_ig_pairs(cfg, sets, ids))
             timings["ig_pairs"] = time.perf_counter() - t
         if needs_learner:
-            # 3) secondary learner: tokens -> predicted z-scored IG
+            # 3) secondary learner: tokens -> predicted z-scored IG (trained and saved by the main process)
             t = time.perf_counter()
-            learner, metrics = run_learner(cfg, model, pairs, ids, train_it="learner" in stages)
+            if launch.is_main:
+                learner, _ = run_learner(cfg, model, pairs, ids, train_it="learner" in stages)
+            launch.wait()
+            if not launch.is_main:
+                learner, _ = run_learner(cfg, model, pairs, ids, train_it=False, write=False)
             learner_fp = sha(torch.cat([v.flatten() for v in learner.trainable_state().values()]))
             timings["learner"] = time.perf_counter() - t
         if "finetune" in stages:
-            # 4) fine-tune: standard and IGF, same seeds, optimizer and batches
+            # 4) fine-tune: every method on the same seeds, optimizer and candidate streams (runs dealt out)
             t = time.perf_counter()
-            run_finetune(cfg, model, sets, ids, learner, learner_fp, pairs, device)
+            run_finetune(cfg, model, sets, ids, learner, learner_fp, pairs, device, launch)
+            launch.wait()
             timings["finetune"] = time.perf_counter() - t
     results = None
-    if "plot" in stages:
+    if "plot" in stages and launch.is_main:
         # 5) statistics and figure, from the saved runs alone
         results = run_statistics_and_plot(cfg)
     timings["total"] = time.perf_counter() - start
+    timings.update(launch.describe())
     # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was
-    if stages != ["plot"]:  # a redraw leaves the configuration of the run that made the results
-        artifacts.write_json(os.path.join(out, artifacts.CONFIG), cfg.to_dict())
-        artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
-    artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
-    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)
+    if launch.is_main:
+        if stages != ["plot"]:  # a redraw leaves the configuration of the run that made the results
+            artifacts.write_json(os.path.join(out, artifacts.CONFIG), {**cfg.to_dict(), "launch": launch.describe()})
+            artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
+        artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
+    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, float)),
+          flush=True)
     return results
 
 

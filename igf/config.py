@@ -106,6 +106,9 @@ class FinetuneConfig:
     min_acceptance: float = _f(0.01, "refuse a threshold that keeps fewer than this fraction of the pool")
     torch_dtype: str = _f("float32", "dtype of the fine-tuned model (IG is always computed in float32)",
                           choices=DTYPES)
+    mixed_precision: str = _f("no", "'bf16': fine-tuning forward passes under bf16 autocast, weights and optimizer "
+                              "in --torch_dtype (for GPUs); test perplexity and IG stay full precision",
+                              choices=("no", "bf16"))
 
 
 @dataclass

@@ -134,25 +134,46 @@ def make_estimator(name, model, optimizer_name, lr, objective, ppl_before, batch
     return ESTIMATORS[name](model, optimizer_name, lr, objective, ppl_before, batch_size, device)
 
 
-def collect_ig_pairs(estimator, train, indices, pairs, on_checkpoint=None, save_every=10, desc="IG pairs"):
+def label_chunk(estimator, train, indices, lo):
+    """Pairs lo .. lo + chunk - 1 as dicts, or an error message for a non-finite value (raised by the caller on
+    every process at once)."""
+    rows = [int(r) for r in indices[lo: lo + estimator.chunk]]
+    out = []
+    for i, row, (ig, context_ppl) in zip(range(lo, lo + len(rows)), rows, estimator(train[rows])):
+        if not (math.isfinite(ig) and math.isfinite(context_ppl)):
+            return [], (f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, context "
+                        f"PPL={context_ppl}; lower --ig_learning_rate")
+        out.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
+                    "context_ppl": context_ppl})
+    return out, None
+
+
+def collect_ig_pairs(estimator, train, indices, pairs, on_checkpoint=None, save_every=10, desc="IG pairs",
+                     launch=None):
     """Extend ``pairs`` (a list of dicts, possibly from an interrupted run) until it covers ``indices``.
 
     ``indices`` are rows of ``train``; pair i always measures ``train[indices[i]]``, labelled in chunks of
     ``estimator.chunk`` contexts that always start at a multiple of the chunk size, so a resumed run ends with
-    exactly the pairs (to the bit) of an uninterrupted one. ``on_checkpoint(pairs)`` is called whenever a chunk
-    crosses a multiple of ``save_every`` pairs, and at the end.
+    exactly the pairs (to the bit) of an uninterrupted one. Under a launch of several processes
+    (igf/distributed.py) each round deals one chunk to each process and gathers them in order, so every process
+    ends with the same list, equal to the single-process one. ``on_checkpoint(pairs)`` is called whenever a
+    round crosses a multiple of ``save_every`` pairs, and at the end (the caller writes on one process only).
     """
-    start = len(pairs)
-    with tqdm(total=len(indices), initial=start, desc=desc) as bar:
-        for lo in range(start, len(indices), estimator.chunk):
-            rows = [int(r) for r in indices[lo: lo + estimator.chunk]]
-            for i, row, (ig, context_ppl) in zip(range(lo, lo + len(rows)), rows, estimator(train[rows])):
-                if not (math.isfinite(ig) and math.isfinite(context_ppl)):
-                    raise IGFError(f"non-finite perplexity at IG pair {i} (training context #{row}): IG={ig}, "
-                                   f"context PPL={context_ppl}; lower --ig_learning_rate")
-                pairs.append({"pair": i, "context_index": row, "tokens": train[row].tolist(), "ig": ig,
-                              "context_ppl": context_ppl})
-            bar.update(len(rows))
-            if on_checkpoint and (len(pairs) // save_every > lo // save_every or len(pairs) == len(indices)):
+    rank, n_proc = (launch.rank, launch.num_processes) if launch else (0, 1)
+    starts = list(range(len(pairs), len(indices), estimator.chunk))
+    with tqdm(total=len(indices), initial=len(pairs), desc=desc) as bar:
+        for first in range(0, len(starts), n_proc):
+            round_starts = starts[first: first + n_proc]
+            mine = label_chunk(estimator, train, indices, round_starts[rank]) if rank < len(round_starts) \
+                else ([], None)
+            gathered = launch.gather(mine) if launch else [mine]
+            errors = [e for _, e in gathered if e]
+            if errors:
+                raise IGFError(errors[0])
+            before = len(pairs)
+            for part, _ in gathered:  # process order = chunk order
+                pairs.extend(part)
+            bar.update(len(pairs) - before)
+            if on_checkpoint and (len(pairs) // save_every > before // save_every or len(pairs) == len(indices)):
                 on_checkpoint(pairs)
     return pairs

@@ -4,6 +4,7 @@ Which candidates a run keeps is decided before its first step (igf/selection.py:
 controls differ only there). A run then takes one ordinary AdamW step per planned batch, on the batch's mean
 loss: gradients are zeroed once per step, never per candidate.
 """
+import contextlib
 import math
 
 import torch
@@ -24,22 +25,26 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, max_steps):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, max_steps)
 
 
-def optimizer_step(model, optimizer, scheduler, batch):
-    """One step on the mean next-token loss of ``batch`` (B, T): the mean gradient of exactly these contexts."""
+def optimizer_step(model, optimizer, scheduler, batch, autocast=contextlib.nullcontext):
+    """One step on the mean next-token loss of ``batch`` (B, T): the mean gradient of exactly these contexts.
+    ``autocast()`` wraps the forward pass (bf16 mixed precision); the backward pass follows its casts."""
     model.train()
     optimizer.zero_grad(set_to_none=False)  # once per step; in place, so the buffers are reused
-    loss = lm_loss(model, batch)
+    with autocast():
+        loss = lm_loss(model, batch)
     loss.backward()
     optimizer.step()
     scheduler.step()
     return loss.item()
 
 
-def finetune_run(model, pool, test, plan, *, method, run, seed, ppl_start, cfg, device, progress=None):
+def finetune_run(model, pool, test, plan, *, method, run, seed, ppl_start, cfg, device,
+                 autocast=contextlib.nullcontext, progress=None):
     """One seeded fine-tuning run from the current (pretrained) weights on the batches of ``plan``
     (igf.selection.Plan). Returns its record: test-perplexity curve, training loss, candidates drawn per batch.
 
     ``ppl_start`` is the pretrained test perplexity (shared by every run, so measured once by the caller).
+    Training steps run under ``autocast()``; test perplexity is always measured without it (full precision).
     """
     torch.manual_seed(seed)  # anything stochastic inside the model (dropout)
     optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
@@ -49,7 +54,7 @@ def finetune_run(model, pool, test, plan, *, method, run, seed, ppl_start, cfg, 
               "candidates_drawn": list(plan.drawn), "thresholds": list(plan.thresholds),
               "kept_rows": [list(rows) for rows in plan.batches]}
     for step, rows in enumerate(plan.batches, start=1):
-        loss = optimizer_step(model, optimizer, scheduler, pool[rows].to(device))
+        loss = optimizer_step(model, optimizer, scheduler, pool[rows].to(device), autocast)
         if not math.isfinite(loss):
             raise IGFError(f"non-finite training loss at step {step} of {method} run {run} (seed {seed}); "
                            "lower --learning_rate")

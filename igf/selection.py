@@ -188,16 +188,27 @@ def make_rule(method, inputs, run_seed):
     return RULES[method](inputs, run_seed)
 
 
-def make_lm_scorers(methods, model, pool, pairs, ig_cfg, objective, batch_size, device):
-    """The LM scorers that the control methods among ``methods`` need, at the model's current (pretrained)
-    weights, with their reference scores on the labelled contexts. Returns ({name: LMScorer}, description)."""
-    reference_rows = [p["context_index"] for p in pairs["pairs"][:REFERENCE_SIZE]]
-    scorers, about = {}, {}
+def control_settings(methods, pairs, ig_cfg):
+    """What the control runs among ``methods`` depend on beyond the matched acceptance (for their fingerprints):
+    cheap, so a resumed invocation can check saved runs without scoring anything."""
+    settings = {}
     if "ppl" in methods:
         direction = ppl_direction([p["context_ppl"] for p in pairs["pairs"]], [p["ig"] for p in pairs["pairs"]])
+        settings["ppl_direction"] = direction
+    if "oracle" in methods:
+        settings["oracle"] = f"first-order {ig_cfg.ig_optimizer} IG, lr {ig_cfg.ig_learning_rate}"
+    return settings
+
+
+def make_lm_scorers(methods, settings, model, pool, pairs, ig_cfg, objective, batch_size, device):
+    """The LM scorers of the ppl and oracle controls among ``methods``, at the model's current (pretrained)
+    weights, each with its reference scores on the labelled contexts."""
+    reference_rows = [p["context_index"] for p in pairs["pairs"][:REFERENCE_SIZE]]
+    scorers = {}
+    if "ppl" in methods:
+        direction = settings["ppl_direction"]
         scorers["ppl"] = LMScorer(lambda c: direction * context_losses(model, c, batch_size, device), pool,
                                   reference_rows)
-        about["ppl_direction"] = "keep high pretrained loss" if direction > 0 else "keep low pretrained loss"
     if "oracle" in methods:
         estimator = FirstOrderIG(model, ig_cfg.ig_optimizer, ig_cfg.ig_learning_rate, objective,
                                  pairs["ppl_before"], batch_size, device)
@@ -206,5 +217,4 @@ def make_lm_scorers(methods, model, pool, pairs, ig_cfg, objective, batch_size, 
             return [ig for lo in range(0, len(contexts), estimator.chunk)
                     for ig, _ in estimator(contexts[lo: lo + estimator.chunk])]
         scorers["oracle"] = LMScorer(oracle, pool, reference_rows)
-        about["oracle"] = f"first-order {ig_cfg.ig_optimizer} IG, lr {ig_cfg.ig_learning_rate}"
-    return scorers, about
+    return scorers

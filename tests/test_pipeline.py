@@ -92,6 +92,8 @@ def test_every_artifact_is_written(base):
     assert matplotlib.image.imread(os.path.join(folder, artifacts.FIGURE)).ndim == 3
 
     config = artifacts.read_json(os.path.join(folder, artifacts.CONFIG))
+    launch = config.pop("launch")  # how the run was launched: one process here, on the CPU
+    assert launch == {"num_processes": 1, "device": "cpu", "backend": None}
     assert config == json.loads(artifacts.dumps(parse_args(base).to_dict()))
     assert config["data"]["context_len"] == 16 and config["finetune"]["num_runs"] == 2
     assert config["learner"]["learner_epochs"] == 20 and config["run"]["output_dir"] == folder
