@@ -24,15 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from igf import assets  # noqa: E402
 from igf.config import EMBEDDED_BOOKS, EMBEDDED_MODEL, DataConfig  # noqa: E402
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits  # noqa: E402
-from igf.information_gain import WeightSnapshot, ig_of_context, make_ig_optimizer, perplexity  # noqa: E402
+from igf.estimators import make_estimator  # noqa: E402
+from igf.information_gain import perplexity  # noqa: E402
 
 
 def ig_values(model, name, lr, contexts, objective):
-    optimizer = make_ig_optimizer(name, model.parameters(), lr)
-    snapshot = WeightSnapshot(model)
+    """Exact IG of each context (one step of ``name`` at ``lr``) and the seconds per pair."""
     before = perplexity(model, objective, 32, "cpu")
+    estimator = make_estimator("exact", model, name, lr, objective, before, 32, torch.device("cpu"))
     start = time.perf_counter()
-    values = [ig_of_context(model, optimizer, snapshot, x, objective, before, 32, "cpu")[0] for x in contexts]
+    values = [estimator(x.unsqueeze(0))[0][0] for x in contexts]
     return values, (time.perf_counter() - start) / len(contexts)
 
 

@@ -17,14 +17,18 @@ import pytest
 
 import run_clm_igf
 from conftest import DRIVER, ROOT, set_flag, tiny_flags
+from igf.distributed import LOCK_FILE
 
 # ----------------------------------------------------------------------------- helpers
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under ``folder`` (hidden temporary files included)."""
+    """{relative path: bytes} of every file under ``folder`` (hidden temporary files included), but the lock file:
+    it names whichever invocation last held the folder, refused ones included (igf/distributed.py)."""
     out = {}
     for base, _, files in os.walk(folder):
         for name in files:
+            if name == LOCK_FILE:
+                continue
             path = os.path.join(base, name)
             with open(path, "rb") as fh:
                 out[os.path.relpath(path, folder)] = fh.read()

@@ -478,7 +478,7 @@ def test_standardize_scores_switch(base, tmp_path):
     for method in IGF:
         for record, ref in zip(runs[method], base_runs(base, method)):
             assert record["thresholds"] == ref["thresholds"]  # the same thresholds, on another scale
-            assert record["fingerprint"]["optim"][-1] is False and ref["fingerprint"]["optim"][-1] is True
+            assert record["fingerprint"]["optim"][-2] is False and ref["fingerprint"]["optim"][-2] is True
         # another scale of the scores: other candidates kept in some run
         assert [(r["candidates_drawn"], r["train_loss"]) for r in runs[method]] != [
             (r["candidates_drawn"], r["train_loss"]) for r in base_runs(base, method)]
@@ -494,6 +494,25 @@ def test_min_acceptance_refuses_a_starving_threshold(base, tmp_path, capsys):
     assert not os.listdir(os.path.join(folder, artifacts.RUNS))  # refused before any run
 
 
+def test_mixed_precision_bf16_autocasts_the_training_forward_only(base, tmp_path, monkeypatch):
+    from igf import finetune as finetune_module
+
+    seen, lm_loss = [], finetune_module.lm_loss
+
+    def spy(model, ids):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return lm_loss(model, ids)
+
+    monkeypatch.setattr(finetune_module, "lm_loss", spy)
+    runs = finetune(base, tmp_path / "amp", METHODS, mixed_precision="bf16")
+    assert len(seen) == 6 * 3 and all(seen)  # every training forward (6 runs x 3 steps) under bf16 autocast
+    for method in METHODS:
+        for record, ref in zip(runs[method], base_runs(base, method)):
+            assert record["fingerprint"]["optim"][-1] == "bf16" and ref["fingerprint"]["optim"][-1] == "no"
+            assert record["train_loss"] != ref["train_loss"]  # bf16 matmuls in the forward pass
+            assert record["test_ppl"][0] == ref["test_ppl"][0]  # evaluation stays in full precision
+
+
 def test_torch_dtype_bfloat16_fine_tunes_in_bf16_but_measures_ig_in_float32(base, tmp_path, monkeypatch):
     dtypes, finetune_run = [], run_clm_igf.finetune_run
 
@@ -507,7 +526,7 @@ def test_torch_dtype_bfloat16_fine_tunes_in_bf16_but_measures_ig_in_float32(base
     assert read_bytes(folder, artifacts.IG_PAIRS) == read_bytes(out_dir(base), artifacts.IG_PAIRS)
     for method in METHODS:
         for record, ref in zip(runs_of(folder, method), base_runs(base, method)):
-            assert record["fingerprint"]["optim"][-2] == "bfloat16"
+            assert record["fingerprint"]["optim"][-3] == "bfloat16"
             assert all(math.isfinite(v) and v > 1 for v in record["test_ppl"] + record["train_loss"])
             assert record["test_ppl"] != ref["test_ppl"]  # bf16 weights give other numbers
     results = load(folder, artifacts.RESULTS)
@@ -552,6 +571,15 @@ def test_stages_run_one_after_another(base, tmp_path):
     for name in [os.path.join(artifacts.RUNS, n) for n in names] + [artifacts.RESULTS]:
         assert read_bytes(folder, name) == read_bytes(ref, name), name
     assert os.path.exists(os.path.join(folder, artifacts.FIGURE))
+
+
+def test_preset_study_runs_every_method_at_the_study_scale(tmp_path):
+    from igf.config import METHODS as ALL_METHODS
+
+    study = parse_args(["--preset", "study", "--output_dir", str(tmp_path / "o")])
+    assert study.finetune.methods == list(ALL_METHODS) and study.finetune.num_runs == 10
+    assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 4, 100)
+    assert study.ig.ig_estimator == "first_order" and study.data.size_objective_set == 32  # the default's data
 
 
 def test_preset_paper_and_explicit_flags_override_it(tmp_path):
