@@ -1,5 +1,6 @@
 # make setup  - virtual environment in .venv, pinned requirements, and the offline assets in $IGF_CACHE_DIR (~/.cache/igf)
 # make run    - setup, then the offline default experiment (extra flags: make run ARGS="--num_runs 5")
+# make study  - setup, then the committed study (every method, 10 runs; ~1 h on 2 CPU cores; resumable)
 # make test   - the test suite (tiny random models; the real-model checks need the assets, which setup builds)
 # make lint   - ruff, configured in pyproject.toml
 # make lock   - move every pin to the newest release (rewrites requirements.txt and constraints.txt)
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup run test lint lock clean
+.PHONY: setup run study test lint lock clean
 setup: $(VENV)/.installed
 	$(PY) -m igf.assets
 
@@ -20,6 +21,9 @@ $(VENV)/.installed: requirements.txt constraints.txt
 
 run: setup
 	$(PY) run_clm_igf.py $(ARGS)
+
+study: setup
+	$(PY) run_clm_igf.py --preset study --output_dir output_study $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -30,7 +30,7 @@ from igf.estimators import collect_ig_pairs, make_estimator
 from igf.finetune import finetune_run
 from igf.information_gain import WeightSnapshot, perplexity, zscore
 from igf.plot import plot_results
-from igf.secondary_learner import SecondaryLearner, correlations, predict, train_learner
+from igf.secondary_learner import SecondaryLearner, correlations, predict, token_feature_table, train_learner
 from igf.selection import (
     CONTROLS,
     IGF_METHODS,
@@ -248,16 +248,20 @@ def load_ig_pairs(cfg, sets, ids):
 
 # ----------------------------------------------------------------------------- 3) secondary learner
 
-def run_learner(cfg: Config, model, pairs, ids, train_it, write=True):
+def run_learner(cfg: Config, model, sets, pairs, ids, train_it, write=True):
     """Train (or reuse) the secondary learner on the z-scored IG pairs; ``write=False`` only loads it."""
     ln, out = cfg.learner, cfg.run.output_dir
     path = os.path.join(out, artifacts.LEARNER)
     fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"] + pairs.get("validation", [])]),
                    "learner": vars(ln), "seed": cfg.run.seed}
     arch = dict(channels=ln.learner_channels, kernel_size=ln.learner_kernel_size, hidden=ln.learner_hidden,
-                dropout=ln.learner_dropout)
+                dropout=ln.learner_dropout, pooling=ln.learner_pooling)
+    embeddings = model.get_input_embeddings().weight
+    # rebuilt from the data on every load (never saved): counts of the pool's and the objective set's tokens
+    features = token_feature_table(sets.train, sets.objective, embeddings.shape[0]) \
+        if ln.learner_token_features else None
     torch.manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])  # weight init and dropout
-    learner = SecondaryLearner(model.get_input_embeddings().weight, **arch)
+    learner = SecondaryLearner(embeddings, token_features=features, **arch)
     saved = artifacts.read_torch(path) if os.path.exists(path) else None
     if saved is None and not train_it:
         raise IGFError(f"{path} not found: run the learner stage first")
@@ -272,8 +276,8 @@ def run_learner(cfg: Config, model, pairs, ids, train_it, write=True):
         artifacts.check_fingerprint(path, saved, fingerprint)
         try:
             missing, unexpected = learner.load_state_dict(saved["state"], strict=False)
-            if set(missing) != {"embed.weight"} or unexpected:  # only the frozen embedding copy is not saved
-                raise RuntimeError(f"missing {sorted(set(missing) - {'embed.weight'})}, unexpected {unexpected}")
+            if set(missing) != learner.frozen_keys() or unexpected:  # only the frozen copies are not saved
+                raise RuntimeError(f"missing {sorted(set(missing) - learner.frozen_keys())}, unexpected {unexpected}")
         except (RuntimeError, KeyError) as e:  # shapes or names of another architecture or model
             raise IGFError(f"{path} does not fit this secondary learner ({str(e).splitlines()[0][:200]}); use "
                            "--overwrite_output_dir") from None
@@ -287,7 +291,7 @@ def run_learner(cfg: Config, model, pairs, ids, train_it, write=True):
         p.numel() for p in learner.parameters() if p.requires_grad), epochs=ln.learner_epochs)
     g = torch.Generator().manual_seed(cfg.run.seed + SEED_OFFSETS["learner"])
     metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
-                            ln.learner_learning_rate, ln.learner_batch_size, g)
+                            ln.learner_learning_rate, ln.learner_batch_size, g, weight_decay=ln.learner_weight_decay)
     metrics.update(exact_validation_metrics(learner, pairs))
     artifacts.write_json(os.path.join(out, artifacts.LEARNER_METRICS), metrics)
     artifacts.write_torch(path, {"fingerprint": fingerprint, "state": learner.trainable_state(), "arch": arch,
@@ -530,10 +534,10 @@ def run_stages(cfg: Config, launch):
             # 3) secondary learner: tokens -> predicted z-scored IG (trained and saved by the main process)
             t = time.perf_counter()
             if launch.is_main:
-                learner, _ = run_learner(cfg, model, pairs, ids, train_it="learner" in stages)
+                learner, _ = run_learner(cfg, model, sets, pairs, ids, train_it="learner" in stages)
             launch.wait()
             if not launch.is_main:
-                learner, _ = run_learner(cfg, model, pairs, ids, train_it=False, write=False)
+                learner, _ = run_learner(cfg, model, sets, pairs, ids, train_it=False, write=False)
             learner_fp = sha(torch.cat([v.flatten() for v in learner.trainable_state().values()]))
             timings["learner"] = time.perf_counter() - t
         if "finetune" in stages:

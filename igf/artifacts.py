@@ -47,6 +47,9 @@ def _atomic(path, write):
     """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an artifact gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

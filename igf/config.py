@@ -79,6 +79,12 @@ class LearnerConfig:
     learner_learning_rate: float = _f(1e-3, "Adam learning rate of the secondary learner")
     learner_batch_size: int = _f(16, "IG pairs per learner mini-batch")
     learner_val_fraction: float = _f(0.2, "fraction of IG pairs held out to select and evaluate the learner")
+    learner_pooling: str = _f("max", "pooling over positions: 'max' (the paper) or 'mean_max' (max and mean side "
+                              "by side)", choices=("max", "mean_max"))
+    learner_token_features: bool = _f(False, "add two frozen per-token input channels counted from the data (no LM "
+                                      "pass): unigram surprisal in the training pool and the Moore-Lewis ratio "
+                                      "log p_obj - log p_pool")
+    learner_weight_decay: float = _f(0.0, "AdamW weight decay of the secondary learner (0 = plain Adam, the paper)")
 
 
 @dataclass
@@ -242,14 +248,16 @@ def validate(cfg: Config):
             raise IGFError(f"--{name} must be a finite number > 0, got {value}")
     reals = dict(constant_threshold=ft.constant_threshold, shift_strict=ft.shift_strict, shift_loose=ft.shift_loose,
                  weight_decay=ft.weight_decay, learner_dropout=ln.learner_dropout, min_acceptance=ft.min_acceptance,
+                 learner_weight_decay=ln.learner_weight_decay,
                  learner_val_fraction=ln.learner_val_fraction)
     for name, value in reals.items():
         if not math.isfinite(value):
             raise IGFError(f"--{name} must be finite, got {value}")
     if not 0 <= ln.learner_dropout < 1 or not 0 < ln.learner_val_fraction < 1 or not 0 <= ft.min_acceptance < 1:
         raise IGFError("--learner_dropout and --min_acceptance must lie in [0, 1), --learner_val_fraction in (0, 1)")
-    if ft.weight_decay < 0:
-        raise IGFError(f"--weight_decay must be >= 0, got {ft.weight_decay}")
+    for name, value in dict(weight_decay=ft.weight_decay, learner_weight_decay=ln.learner_weight_decay).items():
+        if value < 0:
+            raise IGFError(f"--{name} must be >= 0, got {value}")
     if ft.shift_strict < ft.shift_loose:
         raise IGFError(f"--shift_strict ({ft.shift_strict}) must be >= --shift_loose ({ft.shift_loose})")
     files = [d.train_file, d.validation_file, d.test_file]

@@ -1,12 +1,18 @@
 """The secondary learner: a small 1-D convolutional net that predicts a context's z-scored IG from its tokens.
 
-    tokens (B, T) -> LM input embeddings, copied and frozen (B, D, T) -> Conv1d + ReLU (B, C, T)
-                  -> max over positions (B, C) -> Linear + ReLU + Dropout -> Linear -> predicted z (B,)
+    tokens (B, T) -> LM input embeddings, copied and frozen (B, D, T)
+                     [+ optional frozen per-token features (B, k, T), concatenated as extra channels]
+                  -> Conv1d + ReLU (B, C, T) -> max over positions (B, C)   [or max and mean: (B, 2C)]
+                  -> Linear + ReLU + Dropout -> Linear -> predicted z (B,)
 
-The embeddings are a copy of the LM's, never the LM's own tensor (fine-tuning must not change the filter, and
-the filter must not change the LM). They are frozen: a few hundred IG pairs are far too few to train tens of
-millions of embedding weights. The ReLU between the layers matters: without it (as in the public example) the
-whole head collapses into one affine map of the pooled features.
+The defaults (no token features, max pooling) are the paper's network. The embeddings are a copy of the LM's,
+never the LM's own tensor (fine-tuning must not change the filter, and the filter must not change the LM). They
+are frozen: a few hundred IG pairs are far too few to train tens of millions of embedding weights. The ReLU
+between the layers matters: without it (as in the public example) the whole head collapses into one affine map
+of the pooled features.
+
+Token features (``token_feature_table``) are counted from the data, with no LM forward pass: how rare a token is
+in the training pool, and how much more frequent it is in the objective set than in the pool (Moore-Lewis).
 """
 import math
 
@@ -15,22 +21,82 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
+from .errors import IGFError
+
+POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
+FROZEN = ("embed.", "features.")  # state-dict prefixes rebuilt from the LM and the data, never saved
+
+# ----------------------------------------------------------------------------- pure math: token features
+
+
+def token_log_probs(tokens, vocab_size):
+    """Add-one smoothed unigram log-probability (nats) of every vocabulary id: (V,) float64.
+
+    log p(v) = log((count(v) + 1) / (N + V)), with N the number of tokens in ``tokens`` (any shape)."""
+    counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()  # (V,)
+    return torch.log((counts + 1) / (counts.sum() + vocab_size))
+
+
+def token_feature_table(pool, objective, vocab_size):
+    """Frozen per-token input features of the secondary learner: (V, 2) float32.
+
+    column 0  unigram surprisal in the training pool:  -log p_pool(v)
+    column 1  Moore-Lewis log ratio:                    log p_obj(v) - log p_pool(v)
+              (> 0: the token is more frequent in the objective set than in the pool)
+
+    p_pool and p_obj are add-one smoothed unigram frequencies (``token_log_probs``) of the pool and objective
+    contexts (N, T). Each column is then standardized to mean 0 and std 1 over the pool's token occurrences, so
+    the features are on the scale of the contexts the learner sees.
+    """
+    log_pool, log_obj = token_log_probs(pool, vocab_size), token_log_probs(objective, vocab_size)
+    table = torch.stack([-log_pool, log_obj - log_pool], dim=1)  # (V, 2)
+    seen = table[pool.reshape(-1)]  # (N * T, 2): one row per token occurrence in the pool
+    std = seen.std(dim=0, unbiased=False)
+    return ((table - seen.mean(dim=0)) / torch.where(std > 0, std, 1.0)).float()
+
+
+# ----------------------------------------------------------------------------- the network
+
 
 class SecondaryLearner(nn.Module):
-    def __init__(self, embeddings, channels=64, kernel_size=3, hidden=32, dropout=0.1):
+    def __init__(self, embeddings, channels=64, kernel_size=3, hidden=32, dropout=0.1, token_features=None,
+                 pooling="max"):
+        """embeddings (V, D): the LM's input embeddings (copied). token_features (V, k) or None: frozen extra
+        input channels per token (``token_feature_table``). pooling: one of POOLINGS."""
         super().__init__()
+        if pooling not in POOLINGS:
+            raise IGFError(f"unknown learner pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.embed = nn.Embedding.from_pretrained(embeddings.detach().to("cpu", torch.float32).clone(), freeze=True)
-        self.conv = nn.Conv1d(self.embed.embedding_dim, channels, kernel_size, padding=kernel_size // 2)
-        self.head = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+        width = self.embed.embedding_dim
+        self.features = None
+        if token_features is not None:
+            if token_features.shape[0] != self.embed.num_embeddings:
+                raise IGFError(f"token feature table has {token_features.shape[0]} rows, the vocabulary "
+                               f"{self.embed.num_embeddings}")
+            self.features = nn.Embedding.from_pretrained(
+                token_features.detach().to("cpu", torch.float32).clone(), freeze=True)
+            width += self.features.embedding_dim
+        self.conv = nn.Conv1d(width, channels, kernel_size, padding=kernel_size // 2)
+        pooled = channels * (2 if pooling == "mean_max" else 1)
+        self.head = nn.Sequential(nn.Linear(pooled, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
     def forward(self, ids):
-        h = self.embed(ids).transpose(1, 2)  # (B, D, T)
-        h = F.relu(self.conv(h)).amax(dim=2)  # (B, C)
+        h = self.embed(ids)  # (B, T, D)
+        if self.features is not None:
+            h = torch.cat([h, self.features(ids)], dim=2)  # (B, T, D + k)
+        h = F.relu(self.conv(h.transpose(1, 2)))  # (B, C, T)
+        h = h.amax(dim=2) if self.pooling == "max" else torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
         return self.head(h).squeeze(-1)  # (B,)
 
     def trainable_state(self):
-        """Weights to save: everything but the frozen embedding copy, which is rebuilt from the LM on load."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
+        """Weights to save: everything but the frozen tables (the embedding copy and the token features), which
+        are rebuilt from the LM and the data on load."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN)}
+
+    def frozen_keys(self):
+        """State-dict keys that ``trainable_state`` leaves out (what ``load_state_dict`` reports missing)."""
+        return {k for k in self.state_dict() if k.startswith(FROZEN)}
 
 
 @torch.no_grad()
@@ -59,13 +125,16 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator):
+def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator, weight_decay=0.0):
     """Fit predicted z to actual z (MSE) on a training split; keep the epoch with the lowest validation MSE.
 
-    tokens (N, T), z (N,). Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch.
+    tokens (N, T), z (N,). weight_decay > 0 uses AdamW's decoupled decay (0: plain Adam, the paper's setting).
+    Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch.
     """
     train_idx, val_idx = split_pairs(len(z), val_fraction, generator)
-    opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=lr)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else \
+        torch.optim.Adam(params, lr=lr)
     best = (math.inf, 0, _clone(learner.trainable_state()))
     for epoch in range(1, epochs + 1):
         learner.train()

@@ -302,9 +302,9 @@ def test_ig_save_every_sets_the_checkpoint_interval(base, tmp_path, monkeypatch)
 EMBED = 32  # the tiny model's embedding width
 
 
-def learner_run(base, folder, **flags):
+def learner_run(base, folder, *switches, **flags):
     """Train the learner alone on the base run's IG pairs: (checkpoint, metrics file)."""
-    folder = rerun(base, folder, reuse=(artifacts.IG_PAIRS,), stages="learner", **flags)
+    folder = rerun(base, folder, *switches, reuse=(artifacts.IG_PAIRS,), stages="learner", **flags)
     assert not os.listdir(os.path.join(folder, artifacts.RUNS))  # no fine-tuning in the learner stage
     return load_learner(folder), load(folder, artifacts.LEARNER_METRICS)
 
@@ -321,21 +321,29 @@ LEARNER_SHAPES = [  # (flag, value, expected shapes of the trainable tensors)
     ("learner_channels", 5, {"conv.weight": (5, EMBED, 3), "conv.bias": (5,), "head.0.weight": (32, 5)}),
     ("learner_kernel_size", 5, {"conv.weight": (64, EMBED, 5), "conv.bias": (64,)}),
     ("learner_hidden", 7, {"head.0.weight": (7, 64), "head.0.bias": (7,), "head.3.weight": (1, 7)}),
+    ("learner_pooling", "mean_max", {"conv.weight": (64, EMBED, 3), "head.0.weight": (32, 128)}),  # max and mean
+    ("learner_token_features", True, {"conv.weight": (64, EMBED + 2, 3)}),  # two frozen per-token channels
 ]
 
 
 @pytest.mark.parametrize("flag,value,expected", LEARNER_SHAPES, ids=[c[0] for c in LEARNER_SHAPES])
 def test_learner_architecture_flags_shape_the_checkpoint(flag, value, expected, base, tmp_path):
-    saved, _ = learner_run(base, tmp_path / flag, **{flag: value})
+    switch = value is True  # a boolean flag is a switch: --learner_token_features
+    switches, flags = ([f"--{flag}"], {}) if switch else ([], {flag: value})
+    saved, _ = learner_run(base, tmp_path / flag, *switches, **flags)
     got, ref = shapes(saved["state"]), shapes(load_learner(out_dir(base))["state"])
     assert {k: got[k] for k in expected} == expected
     assert ref["conv.weight"] == (64, EMBED, 3) and ref["head.0.weight"] == (32, 64)
-    arch = {"learner_channels": "channels", "learner_kernel_size": "kernel_size", "learner_hidden": "hidden"}
-    assert saved["arch"][arch[flag]] == value
+    assert not any(k.startswith(("embed.", "features.")) for k in got)  # frozen tables are rebuilt, not saved
+    arch = {"learner_channels": "channels", "learner_kernel_size": "kernel_size", "learner_hidden": "hidden",
+            "learner_pooling": "pooling"}
+    if flag in arch:
+        assert saved["arch"][arch[flag]] == value
+    assert saved["fingerprint"]["learner"][flag] == value
 
 
 LEARNER_TRAINING = [("learner_dropout", 0.5), ("learner_epochs", 2), ("learner_learning_rate", 1e-3),
-                    ("learner_batch_size", 4), ("learner_val_fraction", 0.5)]
+                    ("learner_batch_size", 4), ("learner_val_fraction", 0.5), ("learner_weight_decay", 0.5)]
 
 
 @pytest.mark.parametrize("flag,value", LEARNER_TRAINING, ids=[c[0] for c in LEARNER_TRAINING])

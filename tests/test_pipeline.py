@@ -91,6 +91,9 @@ def test_every_artifact_is_written(base):
     import matplotlib.image
     assert matplotlib.image.imread(os.path.join(folder, artifacts.FIGURE)).ndim == 3
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(folder, artifacts.IG_PAIRS)).st_mode & 0o777 == 0o666 & ~umask  # not private
     config = artifacts.read_json(os.path.join(folder, artifacts.CONFIG))
     launch = config.pop("launch")  # how the run was launched: one process here, on the CPU
     assert launch == {"num_processes": 1, "device": "cpu", "backend": None}

@@ -1,0 +1,89 @@
+"""benchmarks/ig_speed.py end to end on the tiny model: every row is printed and every figure is a sane number.
+No timing thresholds: speed depends on the machine, and the benchmark itself reports against its targets."""
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import ig_speed  # noqa: E402
+
+PER_OPTIMIZER = ["exact_s_per_pair", "floor_forward_s", "floor_step_s", "floor_s", "exact_over_floor", "exact_user_s",
+                 "exact_sys_s", "exact_sys_share", "exact_minor_faults", "exact_labels_per_s",
+                 "first_order_labels_per_s", "first_order_setup_s", "first_order_pearson", "first_order_spearman",
+                 "mallopt.exact_s_per_pair", "mallopt.exact_sys_s", "mallopt.exact_minor_faults",
+                 "mallopt_over_default", "mallopt_over_default_sys"]
+ONCE = ["standard_s_per_step", "igf_s_per_step", "igf_acceptance", "igf_over_standard", "peak_rss_mib"]
+# wall-clock figures: finite and > 0 (CPU seconds and page faults can be 0 for the tiny model: only >= 0)
+POSITIVE = ["exact_s_per_pair", "floor_forward_s", "floor_step_s", "floor_s", "exact_over_floor", "exact_labels_per_s",
+            "first_order_labels_per_s", "first_order_setup_s", "mallopt.exact_s_per_pair", "mallopt_over_default"]
+NON_NEGATIVE = ["exact_user_s", "exact_sys_s", "exact_minor_faults", "mallopt.exact_sys_s",
+                "mallopt.exact_minor_faults"]
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tiny_model, text_files, tmp_path_factory):
+    """(rows returned, what was printed, the JSON written) of one run with tiny sizes."""
+    out = tmp_path_factory.mktemp("bench") / "speed.json"
+    argv = ["--model_name_or_path", tiny_model, "--train_file", text_files["train"],
+            "--validation_file", text_files["validation"], "--test_file", text_files["test"],
+            "--context_len", "16", "--size_objective_set", "8", "--ig_eval_batch_size", "4", "--num_exact", "6",
+            "--num_first_order", "12", "--batch_size", "4", "--steps", "2", "--threads", "1", "--device", "cpu",
+            "--json", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = ig_speed.main(argv)
+    with open(out) as fh:
+        return rows, printed.getvalue(), json.load(fh)
+
+
+def test_table_has_every_row(benchmark_run):
+    rows, printed, saved = benchmark_run
+    table = ig_speed.render(rows)
+    assert table in printed and saved["header"] in printed
+    keys = [r[0] for r in rows]
+    expected = [f"{opt}.{k}" for opt in ("sgd", "adam") for k in PER_OPTIMIZER] + ONCE
+    assert sorted(keys) == sorted(expected)
+    assert len(table.splitlines()) == 2 + len(expected)
+    for opt in ("sgd", "adam"):
+        assert f"exact IG ({opt}), glibc default |" in table
+        assert f"exact IG ({opt}), mallopt: no mmap/trim |" in table
+        assert f"exact IG ({opt}) / floor |" in table
+    assert "| IGF / standard | ratio |" in table
+    assert saved["rows"] == [dict(zip(("key", "metric", "unit", "value", "target"), r)) for r in rows]
+    assert "parameters" in saved["header"] and "threads 1" in saved["header"]
+
+
+def test_figures_are_sane(benchmark_run):
+    figures = benchmark_run[2]["figures"]
+    for opt in ("sgd", "adam"):
+        for key in POSITIVE + NON_NEGATIVE:
+            value = figures[f"{opt}.{key}"]
+            if key.startswith("mallopt") and not GLIBC:
+                assert value is None, (opt, key)  # skipped, and printed as n/a
+            else:
+                assert math.isfinite(value) and (value > 0 if key in POSITIVE else value >= 0), (opt, key, value)
+        for key in ("first_order_pearson", "first_order_spearman"):
+            assert -1 <= figures[f"{opt}.{key}"] <= 1, (opt, key)
+        share = figures[f"{opt}.exact_sys_share"]
+        assert share is None or share >= 0
+    for key in ONCE:
+        assert math.isfinite(figures[key]) and figures[key] > 0, key
+    assert figures["igf_acceptance"] <= 1
+
+
+def test_flags_checked():
+    with pytest.raises(SystemExit):
+        ig_speed.parse_args(["--num_exact", "9", "--num_first_order", "8"])
+    with pytest.raises(SystemExit):
+        ig_speed.parse_args(["--train_file", "a.txt"])
+    args = ig_speed.parse_args(["--ig_optimizer", "sgd"])
+    assert args.model_name_or_path == "embedded-smollm2" and args.context_len == 32 and args.threads == 2
