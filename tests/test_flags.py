@@ -585,7 +585,7 @@ def test_preset_study_runs_every_method_at_the_study_scale(tmp_path):
     from igf.config import METHODS as ALL_METHODS
 
     study = parse_args(["--preset", "study", "--output_dir", str(tmp_path / "o")])
-    assert study.finetune.methods == list(ALL_METHODS) and study.finetune.num_runs == 10
+    assert study.finetune.methods == list(ALL_METHODS) and study.finetune.num_runs == 8
     assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 4, 100)
     assert study.ig.ig_estimator == "first_order" and study.data.size_objective_set == 32  # the default's data
 
