@@ -96,7 +96,7 @@ def tiny_flags(model, files, output_dir):
             "--ig_estimator", "exact", "--ig_optimizer", "adam", "--ig_learning_rate", "1e-3",
             "--learner_epochs", "20",
             "--learner_learning_rate", "1e-2",
-            "--num_runs", "2", "--batch_size", "4", "--max_steps", "3", "--learning_rate", "1e-3",
+            "--num_runs", "2", "--batch_size", "4", "--max_steps", "3", "--eval_every", "1", "--learning_rate", "1e-3",
             "--shift_batches", "1", "--shift_strict", "0.5", "--shift_loose", "-0.5", "--min_acceptance", "0.0"]
 
 

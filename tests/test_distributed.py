@@ -110,11 +110,16 @@ def test_a_second_invocation_waits_for_none_and_interleaves_nothing(tiny_model, 
         while saved_pairs(out / artifacts.IG_PAIRS) is None:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
+        # freeze the first run mid-collection: it keeps its lock, and it cannot finish (and release the lock)
+        # while the second starts up, however fast this machine labels pairs
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run([sys.executable, DRIVER, *ig_flags(tiny_model, text_files, out)], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run must still be going"
+        partial = saved_pairs(out / artifacts.IG_PAIRS)
     finally:
         first.kill()
         first.wait()
+    assert not partial["complete"]  # the second run wrote nothing over the first's checkpoint
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert "is in use by pid" in second.stderr.strip().splitlines()[-1]
