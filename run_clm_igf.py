@@ -26,25 +26,22 @@ from igf.config import SEED_OFFSETS, Config, parse_args
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.distributed import Launch, OutputLock
 from igf.errors import IGFError
-from igf.estimators import collect_ig_pairs, make_estimator
+from igf.estimators import collect_ig_pairs, ig_statistics, make_estimator
 from igf.finetune import finetune_run
 from igf.information_gain import WeightSnapshot, perplexity, zscore
 from igf.plot import plot_results
-from igf.secondary_learner import SecondaryLearner, correlations, predict, token_feature_table, train_learner
+from igf.secondary_learner import SecondaryLearner, exact_validation_metrics, token_feature_table, train_learner
 from igf.selection import (
     CONTROLS,
     IGF_METHODS,
-    SelectionInputs,
-    acceptance_rate,
     candidate_stream,
-    control_settings,
     make_lm_scorers,
     make_rule,
     select_batches,
-    standardize_scores,
+    selection_fingerprint,
+    selection_inputs,
 )
 from igf.statistics import compare_methods, markdown_table
-from igf.thresholds import threshold_schedule
 
 
 def sha(obj):
@@ -135,18 +132,6 @@ def ig_fingerprint(cfg: Config, sets, ids):
             "size_objective_set": d.size_objective_set, "ig_optimizer": ig.ig_optimizer,
             "ig_learning_rate": ig.ig_learning_rate, "ig_eval_batch_size": ig.ig_eval_batch_size,
             "ig_estimator": ig.ig_estimator, "seed": cfg.run.seed}
-
-
-def ig_statistics(pairs, validation):
-    """Spread of the learner's labels, and how the estimator and a context's own loss track exact IG."""
-    igs = [p["ig"] for p in pairs]
-    stats = {"n": len(pairs), "ig_mean": sum(igs) / len(igs), "ig_min": min(igs), "ig_max": max(igs),
-             "fraction_positive": sum(v > 0 for v in igs) / len(igs), "n_validation": len(validation)}
-    if validation:
-        exact = [v["ig"] for v in validation]
-        stats["estimator_vs_exact"] = correlations([v["estimate"] for v in validation], exact)
-        stats["context_loss_vs_exact"] = correlations([math.log(v["context_ppl"]) for v in validation], exact)
-    return stats
 
 
 def run_ig_pairs(cfg: Config, model, sets, ids, device, launch):
@@ -306,84 +291,10 @@ def run_learner(cfg: Config, model, sets, pairs, ids, train_it, write=True):
     return learner, metrics
 
 
-def exact_validation_metrics(learner, pairs):
-    """How the learner, the label estimator and a one-number rival (the context's own pretrained loss) rank the
-    exact IG of the validation pairs, which nothing was trained on."""
-    validation = pairs.get("validation") or []
-    if not validation:
-        return {"n_exact": 0}
-    exact = [v["ig"] for v in validation]
-    learned = correlations(predict(learner, torch.tensor([v["tokens"] for v in validation])), exact)
-    stats = pairs["stats"]
-    return {"n_exact": len(validation), "exact_pearson": learned["pearson"], "exact_spearman": learned["spearman"],
-            "estimator_exact_pearson": stats["estimator_vs_exact"]["pearson"],
-            "estimator_exact_spearman": stats["estimator_vs_exact"]["spearman"],
-            "context_loss_pearson": stats["context_loss_vs_exact"]["pearson"],
-            "context_loss_spearman": stats["context_loss_vs_exact"]["spearman"]}
-
-
 # ----------------------------------------------------------------------------- 4) fine-tuning
 
 def run_path(cfg, method, run):
     return os.path.join(cfg.run.output_dir, artifacts.RUNS, f"{method}_run{run:03d}.json")
-
-
-def thresholds_of(cfg, method):
-    ft = cfg.finetune
-    return threshold_schedule(method, ft.constant_threshold, ft.shift_schedule, ft.shift_strict, ft.shift_loose,
-                              ft.shift_batches)
-
-
-def check_acceptance(cfg, scores, method):
-    """Refuse, before any run, a threshold that would keep (almost) nothing of the pool; returns the fraction of
-    the pool kept at each batch."""
-    fn = thresholds_of(cfg, method)
-    rates = [acceptance_rate(scores, fn(b)) for b in range(cfg.finetune.max_steps)]
-    worst = min(range(len(rates)), key=rates.__getitem__)
-    print(f"  {method}: keeps {rates[0]:.1%} of the pool at batch 1, {rates[-1]:.1%} at batch {len(rates)}",
-          flush=True)
-    if rates[worst] < cfg.finetune.min_acceptance or rates[worst] == 0:  # 0 would draw candidates forever
-        raise IGFError(f"{method} threshold {fn(worst):.3g} at batch {worst + 1} keeps {rates[worst]:.2%} of the "
-                       f"training pool (minimum --min_acceptance {cfg.finetune.min_acceptance}); lower it")
-    return rates
-
-
-def selection_inputs(cfg, sets, learner, pairs):
-    """What the selection rules of --methods score with (igf/selection.py), without the LM scorers: the
-    learner's pool scores, IGF's thresholds, the matched acceptance and the controls' settings."""
-    ft, methods = cfg.finetune, cfg.finetune.methods
-    inputs = SelectionInputs()
-    if learner is None:
-        return inputs, {}
-    scores = predict(learner, sets.train)  # (N_pool,) predicted z-scored IG
-    inputs.pool_scores = standardize_scores(scores) if ft.standardize_scores else scores
-    for method in IGF_METHODS:
-        if method in methods or (method == ft.control_matches and set(CONTROLS) & set(methods)):
-            inputs.thresholds[method] = thresholds_of(cfg, method)
-            rates = check_acceptance(cfg, inputs.pool_scores, method)
-            if method == ft.control_matches:
-                inputs.acceptance = rates
-    settings = control_settings(methods, pairs, cfg.ig)
-    if set(CONTROLS) & set(methods):
-        print(f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch"
-              + (f"; ppl keeps {'high' if settings['ppl_direction'] > 0 else 'low'} pretrained loss"
-                 if "ppl" in settings else ""), flush=True)
-    return inputs, {**settings, "acceptance": inputs.acceptance, "objective": sha(sets.objective)}
-
-
-def run_fingerprint(cfg, common, method, learner_fp, about):
-    """What a run of ``method`` depends on: the configuration every method shares, and under ``selection``
-    what only its rule uses."""
-    ft, selection = cfg.finetune, {}
-    if method in IGF_METHODS:
-        selection = {"learner": learner_fp, "thresholds": [thresholds_of(cfg, method)(b) for b in range(ft.max_steps)]}
-    elif method in CONTROLS:
-        selection = {"learner": learner_fp, "control_matches": ft.control_matches, "acceptance": about["acceptance"]}
-        if method == "ppl":
-            selection["ppl_direction"] = about["ppl_direction"]
-        if method == "oracle":
-            selection.update(oracle=about["oracle"], objective=about["objective"])
-    return {**common, "method": method, "selection": selection}
 
 
 def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, device, launch):
@@ -393,11 +304,13 @@ def run_finetune(cfg: Config, model, sets, ids, learner, learner_fp, pairs, devi
                         ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores, ft.mixed_precision]}
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             batches=f"{ft.max_steps} x {ft.batch_size} contexts", test_set=f"{len(sets.test)} contexts")
-    inputs, about = selection_inputs(cfg, sets, learner, pairs)
+    inputs, about = selection_inputs(ft, cfg.ig, sets.train, learner, pairs, objective_id=sha(sets.objective))
     # run-major order, so an interrupted invocation leaves every method with about as many finished runs
     todo = []
     for run, method in [(r, m) for r in range(ft.num_runs) for m in ft.methods]:
-        path, fingerprint = run_path(cfg, method, run), run_fingerprint(cfg, common, method, learner_fp, about)
+        # what the run depends on: the configuration every method shares, and what only its rule uses
+        path = run_path(cfg, method, run)
+        fingerprint = {**common, "method": method, "selection": selection_fingerprint(ft, method, learner_fp, about)}
         if os.path.exists(path):
             artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
         else:

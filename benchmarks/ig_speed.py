@@ -36,8 +36,9 @@ from igf.errors import IGFError  # noqa: E402
 from igf.estimators import collect_ig_pairs, make_estimator  # noqa: E402
 from igf.finetune import make_optimizer, optimizer_step  # noqa: E402
 from igf.information_gain import WeightSnapshot, lm_loss, make_ig_optimizer, perplexity, reset_state  # noqa: E402
-from igf.secondary_learner import SecondaryLearner, correlations, predict  # noqa: E402
+from igf.secondary_learner import SecondaryLearner, predict  # noqa: E402
 from igf.selection import candidate_stream, scored, select_batch, top_fraction_threshold  # noqa: E402
+from igf.statistics import correlations  # noqa: E402
 
 DEFAULT_IG_LR = {"sgd": 1e-3, "adam": 5e-5}  # the single step's learning rate, per optimizer
 TARGET_ACCEPTANCE = 0.30  # IGF keeps this share of candidates: the threshold is the 70th percentile of scores

@@ -17,6 +17,7 @@
 An estimator is built once per collection (``make_estimator``) and called on chunks of contexts; it returns,
 for each context, (IG, the context's own pretrained perplexity). ``collect_ig_pairs`` drives any estimator and
 checkpoints, so an interrupted collection resumes with exactly the pairs an uninterrupted one gives.
+``ig_statistics`` summarises the labels and how the estimator tracks exact IG on the validation pairs.
 """
 import math
 
@@ -35,6 +36,7 @@ from .information_gain import (
     safe_exp,
     token_nlls,
 )
+from .statistics import correlations
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default eps, which make_ig_optimizer keeps
 
@@ -177,3 +179,15 @@ def collect_ig_pairs(estimator, train, indices, pairs, on_checkpoint=None, save_
             if on_checkpoint and (len(pairs) // save_every > before // save_every or len(pairs) == len(indices)):
                 on_checkpoint(pairs)
     return pairs
+
+
+def ig_statistics(pairs, validation):
+    """Spread of the learner's labels, and how the estimator and a context's own loss track exact IG."""
+    igs = [p["ig"] for p in pairs]
+    stats = {"n": len(pairs), "ig_mean": sum(igs) / len(igs), "ig_min": min(igs), "ig_max": max(igs),
+             "fraction_positive": sum(v > 0 for v in igs) / len(igs), "n_validation": len(validation)}
+    if validation:
+        exact = [v["ig"] for v in validation]
+        stats["estimator_vs_exact"] = correlations([v["estimate"] for v in validation], exact)
+        stats["context_loss_vs_exact"] = correlations([math.log(v["context_ppl"]) for v in validation], exact)
+    return stats

@@ -19,9 +19,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import stats
 
 from .errors import IGFError
+from .statistics import correlations
 
 POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
 FROZEN = ("embed.", "features.")  # state-dict prefixes rebuilt from the LM and the data, never saved
@@ -106,14 +106,6 @@ def predict(learner, contexts, batch_size=512):
     return torch.cat([learner(chunk) for chunk in contexts.split(batch_size)])
 
 
-def correlations(pred, target):
-    """Pearson and Spearman correlation of predicted vs actual values (None when undefined)."""
-    pred, target = [torch.as_tensor(v, dtype=torch.float64).numpy() for v in (pred, target)]
-    if len(pred) < 2 or pred.std() == 0 or target.std() == 0:
-        return {"pearson": None, "spearman": None}
-    return {"pearson": float(stats.pearsonr(pred, target)[0]), "spearman": float(stats.spearmanr(pred, target)[0])}
-
-
 def split_pairs(n, val_fraction, generator):
     """Random (train_idx, val_idx) with at least one pair on each side."""
     perm = torch.randperm(n, generator=generator)
@@ -153,3 +145,19 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
     return {"val_mse": best[0], "best_epoch": best[1], "n_train": len(train_idx), "n_val": len(val_idx),
             "val_pearson": val["pearson"], "val_spearman": val["spearman"],
             "train_pearson": train["pearson"], "train_spearman": train["spearman"]}
+
+
+def exact_validation_metrics(learner, pairs):
+    """How the learner, the label estimator and a one-number rival (the context's own pretrained loss) rank the
+    exact IG of the validation pairs, which nothing was trained on."""
+    validation = pairs.get("validation") or []
+    if not validation:
+        return {"n_exact": 0}
+    exact = [v["ig"] for v in validation]
+    learned = correlations(predict(learner, torch.tensor([v["tokens"] for v in validation])), exact)
+    stats = pairs["stats"]
+    return {"n_exact": len(validation), "exact_pearson": learned["pearson"], "exact_spearman": learned["spearman"],
+            "estimator_exact_pearson": stats["estimator_vs_exact"]["pearson"],
+            "estimator_exact_spearman": stats["estimator_vs_exact"]["spearman"],
+            "context_loss_pearson": stats["context_loss_vs_exact"]["pearson"],
+            "context_loss_spearman": stats["context_loss_vs_exact"]["spearman"]}

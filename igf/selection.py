@@ -18,6 +18,9 @@ Every score is a property of the candidate and the pretrained weights, so a run'
 first step: ``select_batches`` plans them (scoring candidates a chunk at a time, as an LM forward pass does best)
 and fine-tuning only trains on the plan. "Top a_b of the pool" is measured on a reference sample: the contexts
 of the labelled IG pairs, a uniform sample of the pool.
+
+The driver asks this module for everything a method's choice depends on: ``selection_inputs`` (scores,
+thresholds, the matched acceptance), ``make_lm_scorers``, ``make_rule`` and ``selection_fingerprint``.
 """
 import math
 from collections.abc import Callable
@@ -29,6 +32,8 @@ from scipy import stats
 from .errors import IGFError
 from .estimators import FirstOrderIG
 from .information_gain import context_losses
+from .secondary_learner import predict
+from .thresholds import threshold_schedule
 
 IGF_METHODS = ("igf_constant", "igf_shifting")
 CONTROLS = ("random", "ppl", "oracle")
@@ -218,3 +223,62 @@ def make_lm_scorers(methods, settings, model, pool, pairs, ig_cfg, objective, ba
                     for ig, _ in estimator(contexts[lo: lo + estimator.chunk])]
         scorers["oracle"] = LMScorer(oracle, pool, reference_rows)
     return scorers
+
+
+# ----------------------------------------------------------------------------- what the driver asks for
+
+def method_thresholds(ft, method):
+    """The threshold function batch -> z of IGF method ``method`` under the fine-tuning flags ``ft``."""
+    return threshold_schedule(method, ft.constant_threshold, ft.shift_schedule, ft.shift_strict, ft.shift_loose,
+                              ft.shift_batches)
+
+
+def check_acceptance(ft, scores, method):
+    """Refuse, before any run, a threshold that would keep (almost) nothing of the pool; returns the fraction of
+    the pool kept at each batch."""
+    fn = method_thresholds(ft, method)
+    rates = [acceptance_rate(scores, fn(b)) for b in range(ft.max_steps)]
+    worst = min(range(len(rates)), key=rates.__getitem__)
+    print(f"  {method}: keeps {rates[0]:.1%} of the pool at batch 1, {rates[-1]:.1%} at batch {len(rates)}",
+          flush=True)
+    if rates[worst] < ft.min_acceptance or rates[worst] == 0:  # 0 would draw candidates forever
+        raise IGFError(f"{method} threshold {fn(worst):.3g} at batch {worst + 1} keeps {rates[worst]:.2%} of the "
+                       f"training pool (minimum --min_acceptance {ft.min_acceptance}); lower it")
+    return rates
+
+
+def selection_inputs(ft, ig_cfg, pool, learner, pairs, objective_id):
+    """What the selection rules of ``ft.methods`` score with, without the LM scorers (``make_lm_scorers``): the
+    learner's pool scores, IGF's thresholds, the matched acceptance; and the controls' settings (for their
+    fingerprints, with ``objective_id``, a hash of the objective set the oracle scores against)."""
+    methods, inputs = ft.methods, SelectionInputs()
+    if learner is None:
+        return inputs, {}
+    scores = predict(learner, pool)  # (N_pool,) predicted z-scored IG
+    inputs.pool_scores = standardize_scores(scores) if ft.standardize_scores else scores
+    for method in IGF_METHODS:
+        if method in methods or (method == ft.control_matches and set(CONTROLS) & set(methods)):
+            inputs.thresholds[method] = method_thresholds(ft, method)
+            rates = check_acceptance(ft, inputs.pool_scores, method)
+            if method == ft.control_matches:
+                inputs.acceptance = rates
+    settings = control_settings(methods, pairs, ig_cfg)
+    if set(CONTROLS) & set(methods):
+        print(f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch"
+              + (f"; ppl keeps {'high' if settings['ppl_direction'] > 0 else 'low'} pretrained loss"
+                 if "ppl" in settings else ""), flush=True)
+    return inputs, {**settings, "acceptance": inputs.acceptance, "objective": objective_id}
+
+
+def selection_fingerprint(ft, method, learner_fp, about):
+    """What only the rule of ``method`` depends on (``about``: the settings from ``selection_inputs``)."""
+    if method in IGF_METHODS:
+        return {"learner": learner_fp, "thresholds": [method_thresholds(ft, method)(b) for b in range(ft.max_steps)]}
+    if method in CONTROLS:
+        selection = {"learner": learner_fp, "control_matches": ft.control_matches, "acceptance": about["acceptance"]}
+        if method == "ppl":
+            selection["ppl_direction"] = about["ppl_direction"]
+        if method == "oracle":
+            selection.update(oracle=about["oracle"], objective=about["objective"])
+        return selection
+    return {}

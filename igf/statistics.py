@@ -2,8 +2,8 @@
 method against a baseline (standard fine-tuning): relative change of the median, Welch's t-test (as the paper),
 Mann-Whitney U, the Wilcoxon signed-rank test over paired runs, and Hedges' g. Run r of every method shares its
 seed and candidate stream, so runs pair up by their "run" index. scipy.stats does every test; the functions here
-only arrange runs into samples and pairs, and return None wherever a number is undefined (results are written as
-JSON without NaN)."""
+only arrange runs into samples and pairs (``correlations``: predictions against targets), and return None
+wherever a number is undefined (results are written as JSON without NaN)."""
 import math
 
 import numpy as np
@@ -16,6 +16,14 @@ def _finite_or_none(x):
 
 def _constant(values):
     return len(values) > 0 and min(values) == max(values)
+
+
+def correlations(pred, target):
+    """Pearson and Spearman correlation of predicted vs actual values (None when undefined)."""
+    pred, target = (np.asarray(v, dtype=np.float64) for v in (pred, target))
+    if len(pred) < 2 or pred.std() == 0 or target.std() == 0:
+        return {"pearson": None, "spearman": None}
+    return {"pearson": float(stats.pearsonr(pred, target)[0]), "spearman": float(stats.spearmanr(pred, target)[0])}
 
 
 def summarize(values):
