@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from scipy import stats
 
 from .errors import IGFError
 from .estimators import FirstOrderIG
 from .information_gain import context_losses
 from .secondary_learner import predict
+from .statistics import correlations
 from .thresholds import threshold_schedule
 
 IGF_METHODS = ("igf_constant", "igf_shifting")
@@ -131,8 +131,8 @@ def top_fraction_threshold(reference, fraction):
 def ppl_direction(context_ppls, igs):
     """+1 when a context's own pretrained loss rises with its IG on the labelled pairs (keep high-loss
     contexts), -1 when it falls: the sign of their Spearman correlation."""
-    rho = stats.spearmanr(torch.as_tensor(context_ppls).log().tolist(), igs)[0]
-    return -1 if rho < 0 else 1  # a NaN (constant input) keeps high-loss contexts
+    rho = correlations(torch.as_tensor(context_ppls, dtype=torch.float64).log(), igs)["spearman"]
+    return -1 if rho is not None and rho < 0 else 1  # undefined (constant input): keep high-loss contexts
 
 
 # ----------------------------------------------------------------------------- the rules
