@@ -116,14 +116,14 @@ class FirstOrderIG:
         self.model.zero_grad(set_to_none=False)
         loss = lm_loss(self.model, x.unsqueeze(0).to(self.device))
         loss.backward()
-        dot = 0.0
+        dot = torch.zeros((), dtype=torch.float64, device=self.g_obj[0].device)  # summed on the device: one sync
         with torch.no_grad():
             for p, g, s in zip(self.params, self.g_obj, self.scratch):
                 torch.abs(p.grad, out=s).add_(ADAM_EPS)
                 torch.div(p.grad, s, out=s)  # the fresh-Adam step direction, in [-1, 1]
-                dot += torch.dot(s.view(-1), g.view(-1)).double().item()
+                dot += torch.dot(s.view(-1), g.view(-1)).double()
         self.model.zero_grad(set_to_none=False)
-        return [(self.ppl_before * self.lr * dot, safe_exp(loss.item()))]
+        return [(self.ppl_before * self.lr * dot.item(), safe_exp(loss.item()))]
 
 
 ESTIMATORS = {"exact": ExactIG, "first_order": FirstOrderIG}

@@ -17,11 +17,14 @@ from .errors import IGFError
 
 # ----------------------------------------------------------------------------- pure math
 
+def _at_least_float32(logits):
+    """Half-precision logits as float32 for the loss; float32 and float64 logits unchanged."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def token_nll(logits, ids):
     """Summed next-token NLL (nats) and the number of predicted tokens. logits (B, T, V), ids (B, T)."""
-    pred = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    if pred.dtype in (torch.float16, torch.bfloat16):
-        pred = pred.float()  # at least float32 for the loss; float64 models stay float64
+    pred = _at_least_float32(logits[:, :-1])  # (B, T-1, V): position t predicts token t+1
     target = ids[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum")
     return nll, target.numel()
@@ -83,8 +86,7 @@ def token_nlls(model, ids, chunk_positions=CHUNK_POSITIONS):
     target = ids[:, 1:]  # (B, T-1): position t predicts token t+1
     parts = _trunk_and_head(model)
     if parts is None:
-        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        logits = _at_least_float32(model(input_ids=ids).logits[:, :-1])  # (B, T-1, V)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                reduction="none").view_as(target)
     trunk, head = parts
@@ -92,9 +94,7 @@ def token_nlls(model, ids, chunk_positions=CHUNK_POSITIONS):
     hidden, flat = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
     nll = []
     for h, t in zip(hidden.split(chunk_positions), flat.split(chunk_positions)):
-        logits = head(h)  # (chunk, V)
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        nll.append(F.cross_entropy(logits, t, reduction="none"))
+        nll.append(F.cross_entropy(_at_least_float32(head(h)), t, reduction="none"))  # (chunk, V) logits
     return torch.cat(nll).view_as(target)
 
 
