@@ -2,20 +2,31 @@
 
     <output_dir>/config.json             the resolved configuration of the latest completed run (not of a redraw)
     <output_dir>/data.json               token and context counts of each split, and where the text came from
+    <output_dir>/contexts.json           sources and unigram counts of the pool, the objective sets and the test set
+                                         (what the selection report compares the kept contexts with)
     <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
-    <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics
+    <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics,
+                                         and what it was built on: LM, tokenizer, context length, score scale
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
-    <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn
+    <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn, kept rows
+    <output_dir>/pipelines/<p>/          pipeline p >= 1 (--num_pipelines): its ig_pairs, learner and runs/, laid
+                                         out as above (pipeline 0 is the top level; standard runs are shared)
     <output_dir>/results.json            statistics over runs (median, mean, SE, Welch / Mann-Whitney / paired
-                                         Wilcoxon tests, Hedges' g vs standard) and the learner's metrics
-    <output_dir>/results.md              the same as one Markdown table (printed at the end of a run)
-    <output_dir>/result_igf.png          the figure (left: curves; right: final perplexities)
+                                         Wilcoxon tests, Hedges' g vs standard and IGF vs the controls, within and
+                                         across pipelines) and the learners' metrics
+    <output_dir>/results.md              the same as Markdown tables (printed at the end of a run)
+    <output_dir>/result_igf.png          the figure (curves, paired difference from standard, final perplexities)
+    <output_dir>/selection.json, .md     the selection report: what each method kept (sources, unigram KL, loss)
+    <output_dir>/selection.png           the report's figure
+    <output_dir>/models/<method>/        with --save_models: run 0's fine-tuned model, tokenizer and model card
     <output_dir>/timings.json            wall-clock seconds of each stage
 
 IG pairs, the learner and every run carry a ``fingerprint``: the configuration (and model weights) that
 determine them. Resuming with a different
 fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over.
 """
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -27,15 +38,70 @@ from .errors import IGFError
 
 CONFIG = "config.json"
 DATA = "data.json"
+CONTEXTS = "contexts.json"
 IG_PAIRS = "ig_pairs.json"
 LEARNER = "secondary_learner.pt"
 LEARNER_METRICS = "secondary_learner.json"
 RUNS = "runs"
+PIPELINES = "pipelines"
 RESULTS = "results.json"
 RESULTS_TABLE = "results.md"
 FIGURE = "result_igf.png"
+SELECTION = "selection.json"
+SELECTION_TABLE = "selection.md"
+SELECTION_FIGURE = "selection.png"
+MODELS = "models"
 TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
-ALL = (CONFIG, DATA, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, RESULTS, RESULTS_TABLE, FIGURE, TIMINGS)
+ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, PIPELINES, RESULTS, RESULTS_TABLE, FIGURE,
+       SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
+
+
+def pipeline_dir(output_dir, pipeline):
+    """Where pipeline ``pipeline``'s IG pairs, learner and runs live: the output folder itself for pipeline 0."""
+    return output_dir if pipeline == 0 else os.path.join(output_dir, PIPELINES, str(pipeline))
+
+
+def run_path(output_dir, method, pipeline, run):
+    """The file of one fine-tuning run (standard does not depend on the pipeline: pass pipeline 0)."""
+    return os.path.join(pipeline_dir(output_dir, pipeline), RUNS, f"{method}_run{run:03d}.json")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def sha(obj):
+    """Short content hash of a tensor, bytes or JSON-able object (fingerprints of what an artifact depends on)."""
+    if isinstance(obj, torch.Tensor):
+        data = obj.contiguous().numpy().tobytes()
+    elif isinstance(obj, bytes):
+        data = obj
+    else:
+        data = json.dumps(obj, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def weights_sha(model):
+    """Hash of every parameter's bytes: another checkpoint under the same name is a different model."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_sha(path):
+    with open(path, "rb") as fh:
+        return sha(fh.read())
+
+
+def files_sha(files):
+    """Hash of a list of (file, source name): names, order and contents (a folder of text, or one file)."""
+    return sha([[name, file_sha(path)] for path, name in files])
+
+
+def tokenizer_sha(tokenizer):
+    """Hash of a tokenizer's full definition (vocabulary, merges, normalizer), where the fast backend has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return sha(backend.to_str().encode() if backend is not None else sorted(tokenizer.get_vocab().items()))
 
 
 def dumps(obj) -> str:
@@ -138,3 +204,29 @@ def check_fingerprint(path, artifact, expected):
     diff = "; ".join(f"{k}: saved {s!r}, now {e!r}" for k, s, e in _differences(saved, expected))
     raise IGFError(f"{path} was made with a different configuration ({diff}); use --overwrite_output_dir "
                    "or another --output_dir")
+
+
+def load_runs(output_dir, methods, num_runs, num_pipelines):
+    """{method: {pipeline: [run records]}}: every saved run of each method (at least ``num_runs`` per pipeline;
+    standard's runs do not depend on the pipeline and sit under pipeline 0), all made with one shared
+    configuration."""
+    records, missing = {}, []
+    for method in methods:
+        records[method] = {}
+        for p in range(1 if method == "standard" else num_pipelines):
+            missing += [os.path.relpath(run_path(output_dir, method, p, r), output_dir) for r in range(num_runs)
+                        if not os.path.exists(run_path(output_dir, method, p, r))]
+            pattern = os.path.join(pipeline_dir(output_dir, p), RUNS, f"{method}_run[0-9][0-9][0-9].json")
+            records[method][p] = [read_json(path) for path in sorted(glob.glob(pattern))]
+    if missing:
+        raise IGFError(f"{len(missing)} fine-tuning runs are missing from {output_dir} (e.g. {missing[0]}); "
+                       "run the finetune stage")
+    shared = {}  # what every method's runs must have in common: model, data, optimizer, steps, seed, device
+    for method, by_pipeline in records.items():
+        for rec in (r for recs in by_pipeline.values() for r in recs):
+            common = {k: v for k, v in (rec.get("fingerprint") or {}).items() if k not in ("method", "selection")}
+            if shared and common != shared:
+                raise IGFError(f"saved runs in {output_dir} were made with different configurations (e.g. {method} "
+                               f"run {rec.get('run')}); keep one configuration per --output_dir")
+            shared = common
+    return records

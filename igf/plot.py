@@ -1,5 +1,13 @@
-"""The paper's Figure 1, drawn from saved results only (no model needed): left, test perplexity after each
-batch, mean +- one standard error over runs; right, every run's test perplexity after the last batch."""
+"""The paper's Figure 1, drawn from saved results only (no model needed), with the panel the comparison is about:
+
+    left    test perplexity after each batch, mean +- one standard error over runs (all pipelines)
+    middle  the paired difference from standard fine-tuning at each batch (same seed and candidate stream),
+            mean +- SE over pairs; thin lines are each pipeline's mean when there are several
+    right   every run's test perplexity after the last batch, with the tests against standard
+
+``plot_selection`` draws the selection report (igf/selection_report.py): the share of each source group among
+the kept contexts against the pool, objective and test sets, and the kept tokens' unigram KL to the objective set.
+"""
 import itertools
 
 import matplotlib
@@ -10,12 +18,14 @@ import numpy as np  # noqa: E402
 
 LABELS = {"standard": "standard fine-tuning", "igf_constant": "IGF, constant threshold",
           "igf_shifting": "IGF, shifting threshold", "random": "random at IGF's acceptance",
-          "ppl": "pretrained-perplexity filter", "oracle": "oracle (LM's own IG estimate)"}
+          "ppl": "pretrained-perplexity filter", "oracle": "oracle (LM's own IG estimate)",
+          "dsir": "DSIR (n-gram importance)", "source_matched": "random with IGF's source mix"}
 SHORT = {"standard": "standard", "igf_constant": "IGF\nconstant", "igf_shifting": "IGF\nshifting",
-         "random": "random", "ppl": "PPL\nfilter", "oracle": "oracle"}
+         "random": "random", "ppl": "PPL\nfilter", "oracle": "oracle", "dsir": "DSIR",
+         "source_matched": "source\nmatched"}
 COLORS = {"standard": "tab:gray", "igf_constant": "tab:blue", "igf_shifting": "tab:orange", "random": "tab:green",
-          "ppl": "tab:purple", "oracle": "tab:red"}
-SPARE_COLORS = ["tab:brown", "tab:pink", "tab:olive", "tab:cyan"]  # methods not named above, in order
+          "ppl": "tab:purple", "oracle": "tab:red", "dsir": "tab:brown", "source_matched": "tab:cyan"}
+SPARE_COLORS = ["tab:pink", "tab:olive", "black", "gold"]  # methods not named above, in order
 
 
 def _p_text(p):
@@ -28,50 +38,89 @@ def _colors(methods):
 
 
 def _test_lines(results, methods):
-    """One line per method compared with the baseline: Welch p and paired (Wilcoxon) p after the last batch."""
-    baseline, tests, lines = results.get("baseline"), results.get("tests", {}), []
+    """One line per method compared with the baseline after the last batch: with one pipeline, Welch p and paired
+    (Wilcoxon) p; with several, the t-test over pipelines of their mean paired differences."""
+    baseline, lines = results.get("baseline"), []
+    if not baseline:
+        return baseline, lines
     for m in methods:
-        final = tests.get(f"{m}_vs_{baseline}", {}).get("final") if baseline else None
-        if final is not None:
+        key = f"{m}_vs_{baseline}"
+        if results.get("num_pipelines", 1) > 1 and key in results.get("across_pipelines", {}):
+            f = results["across_pipelines"][key]["final"]
+            lines.append(f"{m}: t-test over {len(f['per_pipeline'])} pipelines p={_p_text(f['t_test']['p'])}, "
+                         f"lower in {f['lower_in_pipelines']}")
+        elif key in results.get("tests", {}):
+            final = results["tests"][key]["final"]
             lines.append(f"{m}: Welch p={_p_text(final['welch']['p'])}, "
                          f"paired p={_p_text(final['wilcoxon']['p'])} (n={final['wilcoxon']['n_pairs']})")
     return baseline, lines
 
 
-def plot_results(results, records_by_method, title=""):
-    """The figure (a matplotlib Figure; the caller saves it) from statistics and per-run records: any number of
-    methods, with or without the baseline (then the right panel shows no tests)."""
-    methods = list(records_by_method)
+def _band(ax, steps, mean, se, color, label=None):
+    steps, mean = np.asarray(steps), np.asarray(mean)
+    se = np.asarray([np.nan if s is None else s for s in se])
+    ax.plot(steps, mean, color=color, label=label)
+    if np.isfinite(se).any():
+        ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+
+
+def _title(records):
+    """How the runs were made, from the runs themselves (not this invocation's flags)."""
+    runs = [r for by_p in records.values() for recs in by_p.values() for r in recs]
+    first = runs[0]
+    counts = sorted({len(recs) for by_p in records.values() for recs in by_p.values()})
+    pipelines = max(len(by_p) for by_p in records.values())
+    runs_text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (f"batch {first['batch_size']} x {first['context_len']} tokens, {first['steps'][-1]} batches, "
+            f"{runs_text} runs per method" + (f" and pipeline, {pipelines} pipelines" if pipelines > 1 else ""))
+
+
+def plot_results(results, records):
+    """The figure (a matplotlib Figure; the caller saves it) from statistics and per-run records ({method:
+    {pipeline: [records]}}): any number of methods, with or without the baseline (then without the middle
+    panel's differences and the right panel's tests)."""
+    methods = list(records)
     colors = _colors(list(dict.fromkeys(list(results["methods"]) + methods)))
     baseline, lines = _test_lines(results, methods)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.15 * len(lines)),
-                                      gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4 + 0.15 * len(lines)),
+                                              gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
     for method, summary in results["methods"].items():
         band = summary["curve"]
-        steps, mean = np.asarray(band["steps"]), np.asarray(band["mean"])
-        se = np.asarray([np.nan if s is None else s for s in band["se"]])
-        left.plot(steps, mean, color=colors[method], label=f"{LABELS.get(method, method)} (n={summary['runs']})")
-        if np.isfinite(se).any():
-            left.fill_between(steps, mean - se, mean + se, color=colors[method], alpha=0.2, linewidth=0)
+        _band(left, band["steps"], band["mean"], band["se"], colors[method],
+              f"{LABELS.get(method, method)} (n={summary['runs']})")
     left.set_xlabel("batches (optimizer steps)")
     left.set_ylabel("test perplexity")
     left.set_title("test perplexity, mean ± SE over runs")
     left.legend(frameon=False, fontsize=8 if len(results["methods"]) > 3 else 10)
     left.grid(alpha=0.3)
 
-    finals = [[r["test_ppl"][-1] for r in records_by_method[m]] for m in methods]
+    for method, diff in (results.get("paired_difference") or {}).items():
+        if diff is None:
+            continue
+        _band(middle, diff["steps"], diff["mean"], diff["se"], colors[method], LABELS.get(method, method))
+        if len(diff["per_pipeline"]) > 1:
+            for curve in diff["per_pipeline"]:
+                middle.plot(diff["steps"], curve, color=colors[method], linewidth=0.6, alpha=0.5)
+    middle.axhline(0, color=colors.get(baseline, "tab:gray"), linewidth=1)
+    middle.set_xlabel("batches (optimizer steps)")
+    middle.set_ylabel(f"test perplexity − {baseline or 'baseline'} (paired)")
+    middle.set_title(f"paired difference from {baseline or 'the baseline'}, mean ± SE over pairs"
+                     + ("\n(thin: each pipeline's mean)" if results.get("num_pipelines", 1) > 1 else ""),
+                     fontsize=10)
+    middle.grid(alpha=0.3)
+
+    finals = [[r["test_ppl"][-1] for recs in records[m].values() for r in recs] for m in methods]
     right.boxplot(finals, showfliers=False, widths=0.5)
     rng = np.random.default_rng(0)  # jitter only; the values are the runs'
     for i, (m, vals) in enumerate(zip(methods, finals), start=1):
         right.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, s=12, color=colors[m], zorder=3)
     right.set_xticks(range(1, len(methods) + 1), [SHORT.get(m, m) for m in methods],
                      fontsize=8 if len(methods) > 3 else 10)
-    steps = records_by_method[methods[0]][0]["steps"][-1]
+    steps = next(iter(records[methods[0]].values()))[0]["steps"][-1]
     right.set_ylabel(f"test perplexity after batch {steps}")
-    heading = f"after the last batch (vs {baseline}; paired: Wilcoxon over runs)" if lines else "after the last batch"
-    right.set_title("\n".join([heading] + lines), fontsize=8 if len(lines) > 2 else 9)
+    heading = f"after the last batch (vs {baseline})" if lines else "after the last batch"
+    right.set_title("\n".join([heading] + lines), fontsize=7 if len(lines) > 2 else 9)
     right.grid(alpha=0.3, axis="y")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.suptitle(_title(records), fontsize=10)
     fig.tight_layout()
     return fig

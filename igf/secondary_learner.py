@@ -89,6 +89,31 @@ class SecondaryLearner(nn.Module):
         h = h.amax(dim=2) if self.pooling == "max" else torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
         return self.head(h).squeeze(-1)  # (B,)
 
+    @torch.no_grad()
+    def token_tables(self):
+        """The convolution applied to every vocabulary token at once: (K, V, C), tap k's weights times each token's
+        frozen input vector. The inputs are frozen, so at inference the convolution is a sum of K table lookups
+        (``scores``), ~100x faster on a CPU than convolving the embeddings."""
+        table = self.embed.weight  # (V, D)
+        if self.features is not None:
+            table = torch.cat([table, self.features.weight], dim=1)  # (V, D + k)
+        return torch.einsum("vd,cdk->kvc", table, self.conv.weight)
+
+    @torch.no_grad()
+    def scores(self, ids, tables):
+        """``forward`` at inference (eval mode) through ``token_tables``: (B, T) -> (B,). Zero padding adds
+        nothing, so a tap that falls outside the context is skipped."""
+        k_size, pad = self.conv.kernel_size[0], self.conv.padding[0]
+        length = ids.shape[1] + 2 * pad - k_size + 1  # as Conv1d: T for an odd kernel
+        h = self.conv.bias.expand(ids.shape[0], length, -1).clone()  # (B, L, C)
+        for k in range(k_size):  # output t sees input t + k - pad
+            lo, hi = max(0, pad - k), min(length, ids.shape[1] + pad - k)
+            if lo < hi:
+                h[:, lo:hi] += tables[k][ids[:, lo + k - pad: hi + k - pad]]
+        h = F.relu(h)
+        h = h.amax(dim=1) if self.pooling == "max" else torch.cat([h.amax(dim=1), h.mean(dim=1)], dim=1)
+        return self.head(h).squeeze(-1)
+
     def trainable_state(self):
         """Weights to save: everything but the frozen tables (the embedding copy and the token features), which
         are rebuilt from the LM and the data on load."""
@@ -99,11 +124,33 @@ class SecondaryLearner(nn.Module):
         return {k for k in self.state_dict() if k.startswith(FROZEN)}
 
 
+def load_saved_learner(path, saved, embeddings, token_features=None):
+    """The learner saved in ``path`` (its loaded contents ``saved``), on the LM input ``embeddings`` (V, D): its
+    architecture and trained weights from the file; the token features from the file, else ``token_features``
+    (rebuilt from the data). A file of another architecture or model is refused with one line."""
+    if not isinstance(saved, dict) or not {"state", "arch"} <= set(saved):
+        raise IGFError(f"{path} is not a secondary learner file (no weights and architecture in it)")
+    features = saved.get("token_features")
+    learner = SecondaryLearner(embeddings, token_features=features if features is not None else token_features,
+                               **saved["arch"])
+    try:
+        missing, unexpected = learner.load_state_dict(saved["state"], strict=False)
+        if set(missing) != learner.frozen_keys() or unexpected:  # only the frozen copies are not saved
+            raise RuntimeError(f"missing {sorted(set(missing) - learner.frozen_keys())}, unexpected {unexpected}")
+    except (RuntimeError, KeyError, TypeError) as e:  # shapes or names of another architecture or model
+        raise IGFError(f"{path} does not fit this secondary learner ({str(e).splitlines()[0][:200]}); use "
+                       "--overwrite_output_dir") from None
+    return learner
+
+
 @torch.no_grad()
-def predict(learner, contexts, batch_size=512):
-    """Predicted z-scored IG of each context (N, T) -> (N,), in eval mode (no dropout)."""
+def predict(learner, contexts, batch_size=4096):
+    """Predicted z-scored IG of each context (N, T) -> (N,), in eval mode (no dropout), through the learner's token
+    tables (``SecondaryLearner.scores``): IGF's selection, the exact-IG metrics and the filter all score this way,
+    so a context gets the same score wherever it is scored."""
     learner.eval()
-    return torch.cat([learner(chunk) for chunk in contexts.split(batch_size)])
+    tables = learner.token_tables()
+    return torch.cat([learner.scores(chunk, tables) for chunk in contexts.split(batch_size)])
 
 
 def split_pairs(n, val_fraction, generator):
@@ -136,7 +183,9 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val_mse = F.mse_loss(predict(learner, tokens[val_idx]), z[val_idx]).item()
+        learner.eval()
+        with torch.no_grad():  # the network itself, not its tables: rebuilding them every epoch costs more
+            val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()
         if val_mse < best[0]:
             best = (val_mse, epoch, _clone(learner.trainable_state()))
     learner.load_state_dict(best[2], strict=False)

@@ -13,6 +13,11 @@ a rule that says which of the drawn candidates to keep for batch b (``keep when 
                   on the labelled pairs; keeps the top a_b of the pool: the strongest one-number rival
     oracle        the LM's own first-order IG estimate (igf/estimators.py); keeps the top a_b of the pool: what
                   a perfect secondary learner could give, at the LM's cost per candidate
+    dsir          DSIR's importance weight (igf/dsir.py: hashed unigram and bigram models of the objective set and
+                  of the pool); keeps the top a_b of the pool: domain matching without a learner or an LM
+    source_matched  each candidate from source s with probability a_{b,s}, the fraction of source s in the pool
+                  that the matched IGF method keeps at batch b: IGF's mix of sources (works, files), but random
+                  contexts within each source. Matching IGF means IGF's gain is which sources it trains on
 
 Every score is a property of the candidate and the pretrained weights, so a run's batches are fixed before its
 first step: ``select_batches`` plans them (scoring candidates a chunk at a time, as an LM forward pass does best)
@@ -28,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .artifacts import sha
+from .dsir import dsir_scores
 from .errors import IGFError
 from .estimators import FirstOrderIG
 from .information_gain import context_losses
@@ -36,10 +43,10 @@ from .statistics import correlations
 from .thresholds import threshold_schedule
 
 IGF_METHODS = ("igf_constant", "igf_shifting")
-CONTROLS = ("random", "ppl", "oracle")
+CONTROLS = ("random", "ppl", "oracle", "dsir", "source_matched")
 REFERENCE_SIZE = 512  # labelled contexts that estimate the pool's score quantiles for ppl and oracle
 LM_LOOKAHEAD = 64  # candidates an LM-scored rule scores at once (at most this many are scored and not drawn)
-RANDOM_SEED_OFFSET = 7919  # random's coin flips: seeded per run, apart from the candidate order
+RANDOM_SEED_OFFSET = 7919  # random's (and source_matched's) coin flips: seeded per run, apart from the candidates
 
 
 # ----------------------------------------------------------------------------- the candidate stream
@@ -60,12 +67,14 @@ def scored(stream, score, chunk):
 
 def select_batch(candidates, batch_size, threshold):
     """Draw (row, score) candidates until ``batch_size`` have score >= threshold: (kept rows, candidates drawn).
-    The caller guarantees some pool row passes the threshold."""
+    ``threshold`` is a number, or a function row -> number (a threshold per row, e.g. by its source). The caller
+    guarantees some pool row passes it."""
+    per_row = callable(threshold)
     kept, drawn = [], 0
     while len(kept) < batch_size:
         row, value = next(candidates)
         drawn += 1
-        if value >= threshold:
+        if value >= (threshold(row) if per_row else threshold):
             kept.append(row)
     return kept, drawn
 
@@ -75,7 +84,7 @@ class Rule:
     """How one method keeps candidates: keep a row when ``score(rows)`` >= ``threshold(batch)``."""
 
     score: Callable | None  # rows (list of pool indices) -> (n,) tensor, higher = more wanted; None keeps all
-    threshold: Callable  # batch (0-based) -> float
+    threshold: Callable  # batch (0-based) -> float, or -> a function row -> float
     chunk: int = 1024  # rows scored at once
 
 
@@ -85,7 +94,7 @@ class Plan:
 
     batches: list  # [[pool rows kept for batch b]]
     drawn: list  # candidates drawn to fill batch b
-    thresholds: list  # the threshold applied at batch b (None for standard)
+    thresholds: list  # the threshold applied at batch b (None for standard and for a threshold per row)
 
 
 def select_batches(rule, stream, batch_size, num_batches):
@@ -97,26 +106,45 @@ def select_batches(rule, stream, batch_size, num_batches):
         kept, drawn = select_batch(candidates, batch_size, threshold)
         plan.batches.append(kept)
         plan.drawn.append(drawn)
-        plan.thresholds.append(None if rule.score is None else threshold)
+        plan.thresholds.append(None if rule.score is None or callable(threshold) else threshold)
     return plan
 
 
 # ----------------------------------------------------------------------------- pure helpers
 
-def standardize_scores(scores):
-    """Predicted IG re-standardized over the pool (mean 0, std 1). A regression learner shrinks its predictions
-    towards the mean, so on its raw scale a threshold of 1.0 can reject every context; on this scale a threshold
-    t keeps the contexts predicted t standard deviations above the pool's average."""
+def score_scale(scores):
+    """(mean, std) of the predicted IG over the pool (population std), as the float32 values ``standardize``
+    uses: the learner file records them, so the filter (igf/filter.py) puts new text on the same scale."""
     std = scores.std(unbiased=False)
     if not std > 0:
         raise IGFError("the secondary learner predicts the same IG for every training context; nothing to filter "
                        "by (collect more IG pairs or train the learner longer)")
-    return (scores - scores.mean()) / std
+    return scores.mean().item(), std.item()
+
+
+def standardize(scores, mean, std):
+    """Predicted IG on the pool's z scale: (score - pool mean) / pool std. A regression learner shrinks its
+    predictions towards the mean, so on its raw scale a threshold of 1.0 can reject every context; on this scale
+    a threshold t keeps the contexts predicted t standard deviations above the pool's average."""
+    return (scores - mean) / std
+
+
+def standardize_scores(scores):
+    """Predicted IG re-standardized over the pool itself (mean 0, std 1)."""
+    return standardize(scores, *score_scale(scores))
 
 
 def acceptance_rate(scores, threshold):
     """Fraction of the pool whose score passes ``threshold``."""
     return (scores >= threshold).double().mean().item()
+
+
+def source_acceptance(scores, sources, num_sources, threshold):
+    """a_s: the fraction of each source's pool contexts whose score passes ``threshold``, (num_sources,) float64
+    (0 for a source with no pool context)."""
+    total = torch.bincount(sources, minlength=num_sources).double()
+    passed = torch.bincount(sources[scores >= threshold], minlength=num_sources).double()
+    return torch.where(total > 0, passed / total.clamp(min=1), 0.0)
 
 
 def top_fraction_threshold(reference, fraction):
@@ -145,6 +173,9 @@ class SelectionInputs:
     thresholds: dict = field(default_factory=dict)  # IGF method -> batch -> z threshold
     acceptance: list | None = None  # batch -> fraction of the pool the matched IGF method keeps
     scorers: dict = field(default_factory=dict)  # 'ppl' / 'oracle' -> LMScorer
+    dsir_scores: torch.Tensor | None = None  # (N_pool,) DSIR log importance weights for the objective set
+    pool_sources: list | None = None  # pool row -> source index
+    source_acceptance: list | None = None  # batch -> [a_{b,s} for every source s]
 
 
 class LMScorer:
@@ -184,8 +215,26 @@ def _ranked(name):
     return build
 
 
+def _dsir(inputs, run_seed):
+    scores = inputs.dsir_scores  # the whole pool is scored (cheap), so its top a_b is exact, not estimated
+    thresholds = {a: top_fraction_threshold(scores, a) for a in set(inputs.acceptance)}
+    return Rule(lambda rows: scores[rows], lambda b: thresholds[inputs.acceptance[b]])
+
+
+def _source_matched(inputs, run_seed):
+    # random's coins (same seed): source_matched and random differ only in the acceptance per source
+    coins = torch.Generator().manual_seed(run_seed + RANDOM_SEED_OFFSET)
+    source = inputs.pool_sources
+
+    def threshold(b):
+        cut = [1.0 - a for a in inputs.source_acceptance[b]]  # keep when u >= 1 - a_{b,s}: probability a_{b,s}
+        return lambda row: cut[source[row]]
+    return Rule(lambda rows: torch.rand(len(rows), generator=coins, dtype=torch.float64), threshold)
+
+
 RULES = {"standard": _standard, "igf_constant": _igf("igf_constant"), "igf_shifting": _igf("igf_shifting"),
-         "random": _random, "ppl": _ranked("ppl"), "oracle": _ranked("oracle")}
+         "random": _random, "ppl": _ranked("ppl"), "oracle": _ranked("oracle"), "dsir": _dsir,
+         "source_matched": _source_matched}
 
 
 def make_rule(method, inputs, run_seed):
@@ -247,15 +296,35 @@ def check_acceptance(ft, scores, method):
     return rates
 
 
-def selection_inputs(ft, ig_cfg, pool, learner, pairs, objective_id):
+def require_sources(methods, source_names, pool_sources):
+    """Refuse source_matched, before any long work, where the pool's sources are unknown or only one."""
+    if "source_matched" not in methods:
+        return
+    if pool_sources is None:
+        raise IGFError("source_matched needs each context's source, and this hub dataset has none: pass "
+                       "--source_column, or give --train_file a folder of files (one source each), or drop "
+                       "source_matched from --methods")
+    if len(torch.unique(pool_sources)) < 2:
+        raise IGFError(f"source_matched needs a training pool of several sources, and every pool context comes from "
+                       f"{source_names[int(pool_sources[0])]!r} (it would be the random control): give --train_file "
+                       "a folder of files, or drop source_matched from --methods")
+
+
+def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_id, scale=None, sources=None,
+                     num_sources=0):
     """What the selection rules of ``ft.methods`` score with, without the LM scorers (``make_lm_scorers``): the
-    learner's pool scores, IGF's thresholds, the matched acceptance; and the controls' settings (for their
-    fingerprints, with ``objective_id``, a hash of the objective set the oracle scores against)."""
+    learner's pool scores (on the pool's z scale ``scale`` = (mean, std) when --standardize_scores), IGF's
+    thresholds, the matched acceptance (overall, and per source for source_matched), DSIR's weights for the
+    ``objective`` set; and the controls' settings (for their fingerprints, with ``objective_id``, a hash of the
+    objective set the oracle and dsir score against). ``sources``: the source index of every pool row."""
     methods, inputs = ft.methods, SelectionInputs()
     if learner is None:
         return inputs, {}
     scores = predict(learner, pool)  # (N_pool,) predicted z-scored IG
-    inputs.pool_scores = standardize_scores(scores) if ft.standardize_scores else scores
+    if ft.standardize_scores:
+        inputs.pool_scores = standardize(scores, *(scale or score_scale(scores)))
+    else:
+        inputs.pool_scores = scores
     for method in IGF_METHODS:
         if method in methods or (method == ft.control_matches and set(CONTROLS) & set(methods)):
             inputs.thresholds[method] = method_thresholds(ft, method)
@@ -263,6 +332,18 @@ def selection_inputs(ft, ig_cfg, pool, learner, pairs, objective_id):
             if method == ft.control_matches:
                 inputs.acceptance = rates
     settings = control_settings(methods, pairs, ig_cfg)
+    if "dsir" in methods:
+        inputs.dsir_scores = torch.as_tensor(dsir_scores(pool.numpy(), objective.numpy(), ft.dsir_buckets))
+        settings["dsir_buckets"] = ft.dsir_buckets
+    if "source_matched" in methods:
+        inputs.pool_sources = sources.tolist()
+        fn, cache = method_thresholds(ft, ft.control_matches), {}
+        for b in range(ft.max_steps):  # a constant threshold needs one count per source, not one per batch
+            t = fn(b)
+            if t not in cache:
+                cache[t] = source_acceptance(inputs.pool_scores, sources, num_sources, t).tolist()
+        inputs.source_acceptance = [cache[fn(b)] for b in range(ft.max_steps)]
+        settings["source_acceptance"] = sha(inputs.source_acceptance)
     if set(CONTROLS) & set(methods):
         print(f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch"
               + (f"; ppl keeps {'high' if settings['ppl_direction'] > 0 else 'low'} pretrained loss"
@@ -280,5 +361,9 @@ def selection_fingerprint(ft, method, learner_fp, about):
             selection["ppl_direction"] = about["ppl_direction"]
         if method == "oracle":
             selection.update(oracle=about["oracle"], objective=about["objective"])
+        if method == "dsir":
+            selection.update(dsir_buckets=about["dsir_buckets"], objective=about["objective"])
+        if method == "source_matched":
+            selection["source_acceptance"] = about["source_acceptance"]
         return selection
     return {}

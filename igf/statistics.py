@@ -133,33 +133,143 @@ def paired(by_run_a, by_run_b):
 
 # ----------------------------------------------------------------------------- all methods
 
-def compare_methods(records_by_method, baseline="standard"):
+IGF_METHODS = ("igf_constant", "igf_shifting")  # as igf/selection.py: the methods compared with every control
+CONTROL_METHODS = ("random", "ppl", "oracle", "dsir", "source_matched")
+
+
+def contrast_pairs(methods, baseline="standard"):
+    """Which (method, reference) pairs are tested: every method against the baseline, then each IGF method
+    against each control (is IGF better than the control that shares its acceptance?)."""
+    pairs = [(m, baseline) for m in methods if m != baseline and baseline in methods]
+    return pairs + [(a, b) for a in IGF_METHODS if a in methods for b in CONTROL_METHODS if b in methods]
+
+
+def _final(record):
+    return float(record["test_ppl"][-1])
+
+
+def _auc(record):
+    return area_under_curve(record["steps"], record["test_ppl"])
+
+
+def method_summary(records):
+    """Final and area-under-curve summaries, the mean +- SE curve, runs, and candidates per kept context."""
+    drawn = [d for r in records for d in r["candidates_drawn"]]
+    kept = sum(r["batch_size"] * len(r["candidates_drawn"]) for r in records)
+    return {"final_test_ppl": summarize([_final(r) for r in records]),
+            "auc_test_ppl": summarize([_auc(r) for r in records]), "curve": curve_band(records),
+            "runs": len(records), "candidates_per_kept_context": sum(drawn) / kept}
+
+
+def compare_methods(records_by_method, baseline="standard", contrasts=None):
     """Everything the figure, the Markdown table and the README report, from the per-run records of each method.
 
-    Returns {"baseline": name or None (when absent), "methods": {method: summaries}, "tests": {f"{m}_vs_{baseline}":
+    Returns {"baseline": name or None (when absent), "methods": {method: summaries}, "tests": {f"{a}_vs_{b}":
     {"final": comparison, "auc": comparison}}}, where "final" is the test perplexity after the last batch, "auc" the
-    mean test perplexity over the run (area_under_curve), and a comparison is what compare_samples returns."""
+    mean test perplexity over the run (area_under_curve), and a comparison is what compare_samples returns. The
+    pairs (a, b) are ``contrasts``, by default every method against the baseline."""
     out = {"baseline": baseline if baseline in records_by_method else None, "methods": {}, "tests": {}}
-    finals, aucs = {}, {}
     for method, records in records_by_method.items():
-        finals[method] = [float(r["test_ppl"][-1]) for r in records]
-        aucs[method] = [area_under_curve(r["steps"], r["test_ppl"]) for r in records]
-        drawn = [d for r in records for d in r["candidates_drawn"]]
-        kept = sum(r["batch_size"] * len(r["candidates_drawn"]) for r in records)
-        out["methods"][method] = {"final_test_ppl": summarize(finals[method]), "auc_test_ppl": summarize(aucs[method]),
-                                  "curve": curve_band(records), "runs": len(records),
-                                  "candidates_per_kept_context": sum(drawn) / kept}
-    if out["baseline"] is None:
-        return out
-    base = records_by_method[baseline]
-    for method, records in records_by_method.items():
-        if method == baseline:
-            continue
+        out["methods"][method] = method_summary(records)
+    if contrasts is None:
+        contrasts = [(m, baseline) for m in records_by_method if m != baseline] if out["baseline"] else []
+    for a, b in contrasts:
         tests = {}
-        for key, values in (("final", finals), ("auc", aucs)):
-            pa, pb = paired(runs_by_index(records, values[method]), runs_by_index(base, values[baseline]))
-            tests[key] = compare_samples(values[method], values[baseline], pa, pb)
-        out["tests"][f"{method}_vs_{baseline}"] = tests
+        for key, value in (("final", _final), ("auc", _auc)):
+            va, vb = [value(r) for r in records_by_method[a]], [value(r) for r in records_by_method[b]]
+            pa, pb = paired(runs_by_index(records_by_method[a], va), runs_by_index(records_by_method[b], vb))
+            tests[key] = {**compare_samples(va, vb, pa, pb), "paired_mean_difference": summarize(
+                np.subtract(pa, pb)) if pa else None, "lower_in_pairs": int(np.sum(np.less(pa, pb)))}
+        out["tests"][f"{a}_vs_{b}"] = tests
+    return out
+
+
+# ----------------------------------------------------------------------------- replicated pipelines
+
+def records_of_pipeline(records, pipeline, baseline="standard"):
+    """{method: [records]} of one pipeline, from {method: {pipeline: [records]}} (the baseline's runs, under
+    pipeline 0, are shared by every pipeline)."""
+    return {m: by_p[0] if m == baseline else by_p[pipeline] for m, by_p in records.items()
+            if m == baseline or pipeline in by_p}
+
+
+def one_sample_t_test(values):
+    """Student's t-test of mean(values) = 0, two-sided: {'t', 'p'}; None for fewer than two values or none varying."""
+    if len(values) < 2 or _constant(values):
+        return {"t": None, "p": None}
+    res = stats.ttest_1samp(values, 0.0)
+    return {"t": _finite_or_none(res.statistic), "p": _finite_or_none(res.pvalue)}
+
+
+def across_pipelines(per_pipeline, contrasts):
+    """Each contrast at the level of pipelines: every pipeline's mean paired difference (a - b, final and AUC test
+    PPL), their mean +- SE, a one-sample t-test over the pipelines (each pipeline one independent replicate of
+    objective set, labels and learner), and how many pipelines have a lower than b."""
+    out = {}
+    for a, b in contrasts:
+        key, entry = f"{a}_vs_{b}", {}
+        for part in ("final", "auc"):
+            means = [res["tests"][key][part]["paired_mean_difference"] for res in per_pipeline]
+            diffs = [m["mean"] for m in means if m is not None]
+            entry[part] = {"per_pipeline": diffs, "mean": float(np.mean(diffs)) if diffs else None,
+                           "se": summarize(diffs)["se"] if diffs else None, "t_test": one_sample_t_test(diffs),
+                           "lower_in_pipelines": int(np.sum(np.less(diffs, 0)))}
+        out[key] = entry
+    return out
+
+
+def learner_spread(learners):
+    """The learners' held-out exact-IG Spearman across pipelines: each value, mean, SD (ddof 1), min and max."""
+    values = [m.get("exact_spearman") for m in learners if m]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"per_pipeline": values, "mean": float(np.mean(values)), "min": min(values), "max": max(values),
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
+def paired_difference(records, method, baseline="standard"):
+    """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by pipeline and run: mean +- SE
+    over all pairs, and each pipeline's mean curve."""
+    base = {r["run"]: r["test_ppl"] for r in records[baseline][0]}
+    per_pipeline, rows = [], []
+    for _, recs in sorted(records[method].items()):
+        d = [np.subtract(r["test_ppl"], base[r["run"]]) for r in recs if r["run"] in base]
+        rows += d
+        if d:
+            per_pipeline.append(np.mean(d, axis=0).tolist())
+    if not rows:
+        return None
+    d = np.asarray(rows)  # (pairs, evals)
+    se = d.std(axis=0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.full(d.shape[1], np.nan)
+    return {"steps": list(records[method][min(records[method])][0]["steps"]), "mean": d.mean(axis=0).tolist(),
+            "se": [_finite_or_none(x) for x in se], "n": len(d), "per_pipeline": per_pipeline}
+
+
+def compare_all(records, learners, baseline="standard"):
+    """Statistics of a whole output folder: ``records`` {method: {pipeline: [run records]}}, ``learners`` the
+    learner metrics of each pipeline (or None).
+
+    Returns {"baseline", "num_pipelines", "methods": every method's runs of all pipelines together (descriptive),
+    "pipelines": [compare_methods within pipeline p, with its "learner"], "across_pipelines": each contrast over the
+    pipelines, "learner_spread", "paired_difference": {method: curve vs the baseline}}; with one pipeline also
+    "tests" and "learner", the pipeline's own."""
+    methods = list(records)
+    base = baseline if baseline in records else None
+    contrasts = contrast_pairs(methods, baseline)
+    k = max([len(by_p) for m, by_p in records.items() if m != baseline] or [1])
+    per_pipeline = []
+    for p in range(k):
+        res = compare_methods(records_of_pipeline(records, p, baseline), baseline, contrasts)
+        per_pipeline.append({"pipeline": p, **res, "learner": learners[p] if p < len(learners) else None})
+    out = {"baseline": base, "num_pipelines": k,
+           "methods": {m: method_summary([r for recs in by_p.values() for r in recs]) for m, by_p in records.items()},
+           "pipelines": per_pipeline, "across_pipelines": across_pipelines(per_pipeline, contrasts),
+           "learner_spread": learner_spread(learners),
+           "paired_difference": {m: paired_difference(records, m, baseline) for m in methods if m != baseline}
+           if base else {}}
+    if k == 1:
+        out.update(tests=per_pipeline[0]["tests"], learner=per_pipeline[0]["learner"])
     return out
 
 
@@ -236,3 +346,78 @@ def markdown_table(results, learner=None):
              "the pooled SD, small-sample corrected; negative = lower perplexity. n/a: undefined (too few runs, or "
              "no variation).\n")
     return text
+
+
+def contrasts_table(results):
+    """IGF against each control, paired within pipelines (every pipeline's pairs; one row per pipeline when there
+    are several): is IGF better than the control that keeps as many candidates?"""
+    keys = [k for k in results["pipelines"][0]["tests"] if not k.endswith(f"_vs_{results['baseline']}")]
+    if not keys:
+        return ""
+    several = results["num_pipelines"] > 1
+    header = ["contrast (a vs b)"] + (["pipeline"] if several else []) + [
+        "final PPL median, a / b", "median change", "mean paired difference a − b ± SE", "a lower in",
+        "Welch p", "paired Wilcoxon p", "Hedges' g"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        a, b = key.split("_vs_")
+        for res in results["pipelines"]:
+            t = res["tests"][key]["final"]
+            d = t["paired_mean_difference"]
+            row = [f"{a} vs {b}"] + ([str(res["pipeline"])] if several else []) + [
+                " / ".join(f"{res['methods'][m]['final_test_ppl']['median']:.2f}" for m in (a, b)),
+                _signed(None if t["median_change"] is None else 100 * t["median_change"], ".1f", " %"),
+                "n/a" if d is None else f"{_signed(d['mean'], '.2f')} ± "
+                                        f"{'n/a' if d['se'] is None else format(d['se'], '.2f')}",
+                f"{t['lower_in_pairs']} of {t['wilcoxon']['n_pairs']} pairs", format_p(t["welch"]["p"]),
+                format_p(t["wilcoxon"]["p"]), _signed(t["hedges_g"], ".2f")]
+            lines.append("| " + " | ".join(row) + " |")
+    return ("\n".join(lines) + "\n\nFinal test PPL; pairs share pipeline, seed and candidate stream. Median change: "
+            "(median of a − median of b) / median of b.\n")
+
+
+def pipelines_table(results):
+    """Every contrast across replicated pipelines: one mean paired difference per pipeline, their mean ± SE and a
+    t-test over the pipelines (the replicate is the whole pipeline: objective set, labels, learner)."""
+    across = results["across_pipelines"]
+    if not across:
+        return ""
+    header = ["contrast (a vs b)", "final PPL median, a (all runs)", "each pipeline's mean paired difference a − b",
+              "mean ± SE over pipelines", "t-test over pipelines p", "a lower in", "AUC: mean ± SE, p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, entry in across.items():
+        a, _ = key.split("_vs_")
+        f, u = entry["final"], entry["auc"]
+
+        def mean_se(x):
+            return "n/a" if x["mean"] is None else f"{_signed(x['mean'], '.2f')} ± " \
+                f"{'n/a' if x['se'] is None else format(x['se'], '.2f')}"
+        row = [key.replace("_vs_", " vs "), f"{results['methods'][a]['final_test_ppl']['median']:.2f}",
+               ", ".join(_signed(v, ".2f") for v in f["per_pipeline"]), mean_se(f), format_p(f["t_test"]["p"]),
+               f"{f['lower_in_pipelines']} of {len(f['per_pipeline'])} pipelines",
+               f"{mean_se(u)}, p = {format_p(u['t_test']['p'])}"]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    spread = results.get("learner_spread")
+    if spread:
+        text += (f"\nSecondary learners vs held-out exact IG, Spearman per pipeline: "
+                 f"{', '.join(f'{v:.2f}' for v in spread['per_pipeline'])} (mean {spread['mean']:.2f}"
+                 + (f", SD {spread['sd']:.2f}" if spread["sd"] is not None else "") + ")\n")
+    return text + ("\nFinal test PPL unless marked AUC. A pipeline's paired difference is the mean over its runs of "
+                   "(a − b) for the same seed and candidate stream; the t-test asks whether the mean over pipelines "
+                   "is 0 (two-sided, n = pipelines).\n")
+
+
+def markdown_tables(results):
+    """results.md: one pipeline: the table against the baseline (``markdown_table``) and IGF against the
+    controls; several: the across-pipelines table first, then each pipeline's tables."""
+    parts = []
+    if results["num_pipelines"] > 1:
+        parts.append("## Across pipelines\n\n" + pipelines_table(results))
+    for res in results["pipelines"]:
+        title = f"## Pipeline {res['pipeline']}\n\n" if results["num_pipelines"] > 1 else ""
+        parts.append(title + markdown_table(res, res.get("learner")))
+    contrasts = contrasts_table(results)
+    if contrasts:
+        parts.append("## IGF against each control\n\n" + contrasts)
+    return "\n".join(parts)

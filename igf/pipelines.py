@@ -1,0 +1,253 @@
+"""Pipelines: steps 1-3 of the method (objective set, IG pairs, secondary learner), once or replicated.
+
+A pipeline is one objective set, the IG labels measured against it and the learner trained on them. With
+``--num_pipelines K`` the driver repeats them with K independent seeds (igf/config.py ``stage_seed``), so the
+results hold for the method, not for one learner: the test set and the fine-tuning candidate streams stay
+shared, so run r of every pipeline still pairs with standard run r. Pipeline 0 is the single-pipeline run, in
+the output folder itself; pipeline p >= 1 lives in ``<output_dir>/pipelines/<p>/`` with the same layout.
+
+``run_ig_pairs`` labels (or resumes, or reuses) a pipeline's IG pairs; ``run_learner`` trains (or reuses) its
+learner and records in the learner file what it was built on, so the filter (igf/filter.py) can apply it to new
+text and refuse text cut for another LM.
+"""
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from . import artifacts
+from .artifacts import sha
+from .config import Config, stage_seed
+from .errors import IGFError
+from .estimators import collect_ig_pairs, ig_statistics, make_estimator
+from .information_gain import perplexity, zscore
+from .secondary_learner import (
+    SecondaryLearner,
+    exact_validation_metrics,
+    load_saved_learner,
+    predict,
+    token_feature_table,
+    train_learner,
+)
+from .selection import score_scale
+
+LEARNER_FORMAT = 2  # the learner file records what it was built on (version 1 held only weights and metrics)
+
+
+@dataclass
+class Pipeline:
+    index: int
+    folder: str  # where its ig_pairs.json, secondary_learner.* and runs/ are
+    objective: torch.Tensor  # (N_obj, T) its objective set
+    objective_rows: torch.Tensor  # (N_obj,) their rows in ContextSets.validation
+    pairs: dict | None = None  # the saved IG pairs (with z-scores and statistics)
+    learner: SecondaryLearner | None = None
+    learner_fp: str | None = None  # hash of the learner's trained weights (in every run fingerprint)
+    scale: tuple | None = None  # (mean, std) of the learner's predicted IG over the pool
+    metrics: dict | None = None  # the learner's metrics (secondary_learner.json)
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+
+def make_pipelines(cfg: Config, sets):
+    """The --num_pipelines pipelines, each with its objective set sampled from the validation windows."""
+    pipelines = []
+    for p in range(cfg.run.num_pipelines):
+        objective, rows = sets.objective_set(cfg.data.size_objective_set, stage_seed(cfg.run.seed, "objective_set", p))
+        pipelines.append(Pipeline(p, artifacts.pipeline_dir(cfg.run.output_dir, p), objective, rows))
+    return pipelines
+
+
+def section(title, **sizes):
+    print(f"\n=== {title} ===" + "".join(f"\n  {k:<24} {v}" for k, v in sizes.items()), flush=True)
+
+
+def _tag(pipe, cfg):
+    return f" (pipeline {pipe.index})" if cfg.run.num_pipelines > 1 else ""
+
+
+# ----------------------------------------------------------------------------- 2) information gain
+
+def ig_fingerprint(cfg: Config, pipe, sets, ids):
+    """What the IG pairs depend on (the flags are listed too, so a refusal names them, not only hashes)."""
+    d, ig = cfg.data, cfg.ig
+    return {**ids, "train": sha(sets.train), "objective": sha(pipe.objective), "context_len": d.context_len,
+            "size_objective_set": d.size_objective_set, "ig_optimizer": ig.ig_optimizer,
+            "ig_learning_rate": ig.ig_learning_rate, "ig_eval_batch_size": ig.ig_eval_batch_size,
+            "ig_estimator": ig.ig_estimator, "seed": cfg.run.seed, "pipeline": pipe.index}
+
+
+def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
+    """Label (or resume, or reuse) the pipeline's IG pairs; returns the saved record with z-scores and statistics.
+
+    ``pairs``: --num_ig_pairs training contexts labelled by --ig_estimator (the learner trains on them).
+    ``validation``: --num_validation_pairs other training contexts labelled with exact IG (and, for comparison,
+    by the estimator): never trained on, they score the learner and the estimator against the real thing.
+    """
+    ig, path = cfg.ig, pipe.path(artifacts.IG_PAIRS)
+    fingerprint = ig_fingerprint(cfg, pipe, sets, ids)
+    saved = artifacts.read_json(path) if os.path.exists(path) else None
+    wanted = {"pairs": ig.num_ig_pairs, "validation": ig.num_validation_pairs}
+    if saved is not None:
+        artifacts.check_fingerprint(path, saved, fingerprint)
+        for key, flag in (("pairs", "num_ig_pairs"), ("validation", "num_validation_pairs")):
+            if len(saved.get(key, [])) > wanted[key]:  # keeping a prefix would overwrite (lose) the rest
+                raise IGFError(f"{path} holds {len(saved[key])} {key} pairs, more than --{flag} {wanted[key]}; "
+                               f"pass --{flag} {len(saved[key])} to reuse them, or --overwrite_output_dir / "
+                               "another --output_dir to start over")
+    if ig.num_ig_pairs + ig.num_validation_pairs > len(sets.train):
+        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} + --num_validation_pairs {ig.num_validation_pairs} exceed "
+                       f"the {len(sets.train)} training contexts")
+    g = torch.Generator().manual_seed(stage_seed(cfg.run.seed, "ig_pairs", pipe.index))
+    order = torch.randperm(len(sets.train), generator=g)
+    # labels from the front of one permutation, validation from its back: both prefix-stable, never overlapping
+    indices = {"pairs": order[: ig.num_ig_pairs], "validation": order.flip(0)[: ig.num_validation_pairs]}
+    # raw pairs only: z-scores are recomputed over the full set when it is complete
+    done = {key: [{k: v for k, v in p.items() if k != "ig_z"} for p in (saved or {}).get(key, [])]
+            for key in wanted}
+    section("2) information gain" + _tag(pipe, cfg),
+            pairs=f"{len(done['pairs'])} saved, {ig.num_ig_pairs} wanted ({ig.ig_estimator})",
+            validation_pairs=f"{len(done['validation'])} saved, {ig.num_validation_pairs} wanted (exact)",
+            step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(pipe.objective)} contexts")
+    incomplete = any(len(done[k]) < wanted[k] for k in wanted) or not (saved or {}).get("complete")
+    ppl_before = perplexity(model, pipe.objective, ig.ig_eval_batch_size, device) if incomplete else \
+        saved["ppl_before"]
+    if saved is not None and not math.isclose(saved["ppl_before"], ppl_before, rel_tol=1e-9):
+        raise IGFError(f"{path}: pretrained objective perplexity is {ppl_before}, saved {saved['ppl_before']}; "
+                       "the model changed. Use --overwrite_output_dir")
+    print(f"  pretrained objective-set perplexity {ppl_before:.4f}", flush=True)
+
+    def record(complete=False):
+        out = {"fingerprint": fingerprint, "ppl_before": ppl_before, "estimator": ig.ig_estimator,
+               "complete": complete, **done}
+        if complete:
+            z, mean, std = zscore([p["ig"] for p in done["pairs"]])
+            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(done["pairs"], z)]
+            out["stats"] = {**ig_statistics(done["pairs"], done["validation"]), "ig_std": std}
+        return out
+
+    estimate = partial(make_estimator, model=model, optimizer_name=ig.ig_optimizer, lr=ig.ig_learning_rate,
+                       objective=pipe.objective, ppl_before=ppl_before, batch_size=ig.ig_eval_batch_size,
+                       device=device)
+    if launch.is_main:
+        os.makedirs(pipe.folder, exist_ok=True)
+    write = artifacts.write_json if launch.is_main else (lambda *_: None)  # every process holds the same pairs
+    checkpoint = dict(on_checkpoint=lambda _: write(path, record()), save_every=ig.ig_save_every, launch=launch)
+    if len(done["pairs"]) < ig.num_ig_pairs:
+        collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["pairs"], done["pairs"], **checkpoint)
+    if incomplete and ig.num_validation_pairs:
+        if len(done["validation"]) < ig.num_validation_pairs:
+            collect_ig_pairs(estimate("exact"), sets.train, indices["validation"], done["validation"],
+                             desc="exact validation pairs", **checkpoint)
+        # the estimator on the same contexts (cheap for first order; for exact it is the same number)
+        estimates = [p["ig"] for p in collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["validation"],
+                                                       [], desc=f"{ig.ig_estimator} on validation", launch=launch)] \
+            if ig.ig_estimator != "exact" else [p["ig"] for p in done["validation"]]
+        done["validation"] = [{**p, "estimate": e} for p, e in zip(done["validation"], estimates)]
+    result = record(complete=True)
+    write(path, result)
+    s = result["stats"]
+    print(f"  IG over {s['n']} pairs ({ig.ig_estimator}): mean {s['ig_mean']:.4g}, std {s['ig_std']:.4g}, range "
+          f"[{s['ig_min']:.4g}, {s['ig_max']:.4g}], positive {s['fraction_positive']:.0%}", flush=True)
+    if s["n_validation"]:
+        print(f"  on {s['n_validation']} exact validation pairs: {ig.ig_estimator} estimate vs exact "
+              f"{_corr(s['estimator_vs_exact'])}; the context's own pretrained loss vs exact "
+              f"{_corr(s['context_loss_vs_exact'])}", flush=True)
+    pipe.pairs = result
+    return result
+
+
+def _corr(c):
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"Pearson {fmt(c['pearson'])}, Spearman {fmt(c['spearman'])}"
+
+
+def load_ig_pairs(cfg, pipe, sets, ids):
+    """The saved IG pairs for a later stage: refused unless made by this configuration (model, data, flags)."""
+    path = pipe.path(artifacts.IG_PAIRS)
+    if not os.path.exists(path):
+        raise IGFError(f"{path} not found: run the ig_pairs stage first")
+    saved = artifacts.read_json(path)
+    artifacts.check_fingerprint(path, saved, ig_fingerprint(cfg, pipe, sets, ids))
+    n, n_val = len(saved.get("pairs", [])), len(saved.get("validation", []))
+    if not saved.get("complete") or n != cfg.ig.num_ig_pairs or n_val != cfg.ig.num_validation_pairs:
+        raise IGFError(f"{path} is incomplete or holds {n} pairs and {n_val} validation pairs, not --num_ig_pairs "
+                       f"{cfg.ig.num_ig_pairs} and --num_validation_pairs {cfg.ig.num_validation_pairs}: rerun "
+                       "with the ig_pairs stage")
+    pipe.pairs = saved
+    return saved
+
+
+# ----------------------------------------------------------------------------- 3) secondary learner
+
+def learner_arch(ln):
+    return dict(channels=ln.learner_channels, kernel_size=ln.learner_kernel_size, hidden=ln.learner_hidden,
+                dropout=ln.learner_dropout, pooling=ln.learner_pooling)
+
+
+def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
+    """Train (or reuse) the pipeline's secondary learner on its z-scored IG pairs; ``write=False`` only loads it.
+    Sets ``pipe.learner``, ``pipe.learner_fp``, ``pipe.scale`` and ``pipe.metrics``."""
+    ln, pairs = cfg.learner, pipe.pairs
+    path = pipe.path(artifacts.LEARNER)
+    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"] + pairs.get("validation", [])]),
+                   "learner": vars(ln), "seed": cfg.run.seed, "pipeline": pipe.index}
+    embeddings = model.get_input_embeddings().weight
+    # counted from the data (no LM pass): the pool's and the objective set's token frequencies
+    features = token_feature_table(sets.train, pipe.objective, embeddings.shape[0]) \
+        if ln.learner_token_features else None
+    torch.manual_seed(stage_seed(cfg.run.seed, "learner", pipe.index))  # weight init and dropout
+    learner = SecondaryLearner(embeddings, token_features=features, **learner_arch(ln))
+    saved = artifacts.read_torch(path) if os.path.exists(path) else None
+    if saved is None and not train_it:
+        raise IGFError(f"{path} not found: run the learner stage first")
+    saved_fp = saved.get("fingerprint") if isinstance(saved, dict) else None
+    # A learner of the same model on other pairs or settings is retrained when its stage runs (its old runs are
+    # then refused by their fingerprint); one of another model, or an unreadable one, is refused.
+    retrain = train_it and isinstance(saved_fp, dict) and saved_fp != fingerprint and all(
+        saved_fp.get(k) == fingerprint[k] for k in ids)
+    if retrain:
+        print(f"  {path} was trained on other pairs or settings; retraining it", flush=True)
+    elif saved is not None:
+        artifacts.check_fingerprint(path, saved, fingerprint)
+        learner = load_saved_learner(path, saved, embeddings, token_features=features)
+        print(f"\n=== 3) secondary learner{_tag(pipe, cfg)} ===\n  reusing {path}", flush=True)
+        if write:
+            artifacts.write_json(pipe.path(artifacts.LEARNER_METRICS), saved["metrics"])
+        scale = saved.get("scale")
+        pipe.scale = (scale["mean"], scale["std"]) if scale else score_scale(predict(learner, sets.train))
+        return _finish(pipe, learner, saved["metrics"])
+    tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
+    z = torch.tensor([p["ig_z"] for p in pairs["pairs"]], dtype=torch.float32)  # (N,)
+    section("3) secondary learner" + _tag(pipe, cfg), pairs=len(z), trainable_parameters=sum(
+        p.numel() for p in learner.parameters() if p.requires_grad), epochs=ln.learner_epochs)
+    g = torch.Generator().manual_seed(stage_seed(cfg.run.seed, "learner", pipe.index))
+    metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
+                            ln.learner_learning_rate, ln.learner_batch_size, g, weight_decay=ln.learner_weight_decay)
+    metrics.update(exact_validation_metrics(learner, pairs))
+    pipe.scale = score_scale(predict(learner, sets.train))  # the pool's z scale of predicted IG
+    artifacts.write_json(pipe.path(artifacts.LEARNER_METRICS), metrics)
+    artifacts.write_torch(path, {
+        "format": LEARNER_FORMAT, "fingerprint": fingerprint, "state": learner.trainable_state(),
+        "arch": learner_arch(ln), "metrics": metrics,
+        # what it was built on: the filter refuses text cut for another LM, tokenizer or context length
+        "built_on": {"model": ids["model"], "tokenizer": ids["tokenizer"], "context_len": cfg.data.context_len},
+        "scale": {"mean": pipe.scale[0], "std": pipe.scale[1]},
+        "token_features": features})
+    r = {k: "n/a" if v is None else f"{v:.3f}" for k, v in metrics.items() if k.endswith(("pearson", "spearman"))}
+    print(f"  held-out labels: Pearson {r['val_pearson']}, Spearman {r['val_spearman']} (n={metrics['n_val']}, "
+          f"best epoch {metrics['best_epoch']}); training labels: Pearson {r['train_pearson']}", flush=True)
+    if metrics.get("n_exact"):
+        print(f"  held-out EXACT IG (n={metrics['n_exact']}): learner Pearson {r['exact_pearson']}, Spearman "
+              f"{r['exact_spearman']}; the context's own pretrained loss alone: Spearman "
+              f"{r['context_loss_spearman']}", flush=True)
+    return _finish(pipe, learner, metrics)
+
+
+def _finish(pipe, learner, metrics):
+    pipe.learner, pipe.metrics = learner, metrics
+    pipe.learner_fp = sha(torch.cat([v.flatten() for v in learner.trainable_state().values()]))
+    return learner

