@@ -5,9 +5,11 @@
     python run_clm_igf.py --preset paper --model_name_or_path openai-community/gpt2 \\
         --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1      # paper scale, needs the hub
 
-Stages, as in the paper: 1) objective set, 2) information-gain pairs, 3) secondary learner, 4) standard and IGF
-fine-tuning over seeded runs, 5) statistics and figure. Every artifact goes to --output_dir (see igf/artifacts.py)
-and is reused when the same command is run again, so an interrupted run resumes where it stopped.
+Stages, as in the paper: 1) objective set, 2) information-gain pairs, 3) secondary learner (steps 1-3 once per
+pipeline, --num_pipelines), 4) standard, IGF and control fine-tuning over seeded runs, 5) statistics, figures and
+the selection report. Every artifact goes to --output_dir (see igf/artifacts.py) and is reused when the same
+command is run again, so an interrupted run resumes where it stopped. The trained learner then filters new text
+(python -m igf.filter) and --save_models keeps the fine-tuned models.
 """
 import os
 import sys
@@ -26,7 +28,7 @@ from igf.errors import IGFError
 from igf.finetune import finetune_run
 from igf.information_gain import WeightSnapshot, context_losses, perplexity
 from igf.pipelines import load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
-from igf.plot import plot_results
+from igf.plot import plot_results, plot_selection
 from igf.selection import (
     CONTROLS,
     IGF_METHODS,
@@ -38,7 +40,7 @@ from igf.selection import (
     selection_fingerprint,
     selection_inputs,
 )
-from igf.selection_report import contexts_summary, kept_facts, loss_sample
+from igf.selection_report import contexts_summary, kept_facts, loss_sample, selection_markdown, selection_report
 from igf.statistics import compare_all, markdown_tables
 
 # ----------------------------------------------------------------------------- 0) model and contexts
@@ -183,9 +185,20 @@ def run_statistics_and_plot(cfg, contexts=None):
     table = markdown_tables(results)
     artifacts.write_text(os.path.join(out, artifacts.RESULTS_TABLE), table)
     artifacts.write_figure(os.path.join(out, artifacts.FIGURE), plot_results(results, records))
+    # the selection report: what each method kept (sources, unigram KL, pretrained loss, overlap with IGF)
+    path = os.path.join(out, artifacts.CONTEXTS)
+    contexts = contexts or (artifacts.read_json(path) if os.path.exists(path) else None)
+    report = selection_report(records, contexts) if contexts else None
+    if report:
+        artifacts.write_json(os.path.join(out, artifacts.SELECTION), report)
+        artifacts.write_text(os.path.join(out, artifacts.SELECTION_TABLE), selection_markdown(report))
+        artifacts.write_figure(os.path.join(out, artifacts.SELECTION_FIGURE), plot_selection(report))
     section("5) statistics")
     print(table, flush=True)
-    print(f"  table: {os.path.join(out, artifacts.RESULTS_TABLE)}; figure: {os.path.join(out, artifacts.FIGURE)}",
+    if report:
+        print(selection_markdown(report), flush=True)
+    print(f"  tables: {os.path.join(out, artifacts.RESULTS_TABLE)}, {os.path.join(out, artifacts.SELECTION_TABLE)}; "
+          f"figures: {os.path.join(out, artifacts.FIGURE)}, {os.path.join(out, artifacts.SELECTION_FIGURE)}",
           flush=True)
     return results
 
@@ -266,11 +279,11 @@ def run_stages(cfg: Config, launch):
     timings.update(launch.describe())
     # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was
     if launch.is_main:
-        if stages != ["plot"]:  # a redraw leaves the configuration of the run that made the results
+        if stages != ["plot"]:  # a redraw leaves the configuration and timings of the run that made the results
             artifacts.write_json(os.path.join(out, artifacts.CONFIG), {**cfg.to_dict(), "launch": launch.describe()})
             artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
             artifacts.write_json(os.path.join(out, artifacts.CONTEXTS), contexts)
-        artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
+            artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, float)),
           flush=True)
     return results

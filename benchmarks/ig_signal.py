@@ -49,23 +49,24 @@ def main():
                    size_objective_set=args.size_objective_set)
     files = assets.resolve_text_files(d)
     model, tok = assets.load_pretrained(assets.resolve_model_path(d.model_name_or_path), torch.float32)
-    streams = tokenize_splits(load_raw_splits(files["train"], files["validation"], files["test"]), tok)
-    sets = build_context_sets(streams, d.context_len, d.size_objective_set, 16, 42, 43)
+    corpus = tokenize_splits(load_raw_splits(files["train"], files["validation"], files["test"]), tok)
+    sets = build_context_sets(corpus, d.context_len, 16, 43)
+    objective = sets.objective_set(d.size_objective_set, 42)[0]
     contexts = sets.train[torch.randperm(len(sets.train), generator=torch.Generator().manual_seed(44))[:args.contexts]]
 
     with torch.no_grad():
-        noise = abs(perplexity(model, sets.objective, 32, "cpu") - perplexity(model, sets.objective, 7, "cpu"))
+        noise = abs(perplexity(model, objective, 32, "cpu") - perplexity(model, objective, 7, "cpu"))
     print(f"float32 noise floor (objective PPL, batch 32 vs 7, same weights): {noise:.2e}")
     model64 = None if args.no_float64 else copy.deepcopy(model).double()
     print(f"{'config':<12} {'s/pair':>7} {'IG mean':>10} {'IG std':>10} {'std/noise':>10} {'r(f32,f64)':>11} "
           f"{'med rel err':>11}")
     for spec in args.configs:
         name, lr = spec.split(":")
-        ig32, sec = ig_values(model, name, float(lr), contexts, sets.objective)
+        ig32, sec = ig_values(model, name, float(lr), contexts, objective)
         std = statistics.pstdev(ig32)
         row = f"{spec:<12} {sec:7.2f} {statistics.mean(ig32):10.4g} {std:10.4g} {std / max(noise, 1e-30):10.3g}"
         if model64 is not None:
-            ig64, _ = ig_values(model64, name, float(lr), contexts.clone(), sets.objective)
+            ig64, _ = ig_values(model64, name, float(lr), contexts.clone(), objective)
             r = stats.pearsonr(ig32, ig64)[0]
             rel = statistics.median(abs(a - b) / abs(b) for a, b in zip(ig32, ig64) if b != 0)
             row += f" {r:11.4f} {rel:11.2e}"

@@ -25,6 +25,7 @@ import platform
 import resource
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -164,9 +165,10 @@ def load(args, device):
              if args.train_file else assets.ensure_books())
     model, tokenizer = assets.load_pretrained(path, torch.float32)  # IG is always measured in float32
     model.to(device)
-    streams = tokenize_splits(load_raw_splits(files["train"], files["validation"], files["test"]), tokenizer)
-    sets = build_context_sets(streams, args.context_len, args.size_objective_set, 1, SEED, SEED + 1)
-    return model, sets, sum(p.numel() for p in model.parameters())
+    corpus = tokenize_splits(load_raw_splits(files["train"], files["validation"], files["test"]), tokenizer)
+    sets = build_context_sets(corpus, args.context_len, 1, SEED + 1)
+    objective = sets.objective_set(args.size_objective_set, SEED)[0]
+    return model, SimpleNamespace(train=sets.train, objective=objective), sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- IG estimators

@@ -197,7 +197,7 @@ SECTIONS = {"data": DataConfig, "ig": IGConfig, "learner": LearnerConfig, "finet
             "run": RunConfig}
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
     """argparse that prints its usage line, then raises IGFError (one ``error:`` line, exit 2) instead of exiting."""
 
     def error(self, message):
@@ -206,7 +206,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = _Parser(
+    parser = ArgumentParser(
         description="Information Gain Filtration: collect IG pairs, train the secondary learner, "
                     "compare standard and IGF fine-tuning over seeded runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -238,7 +238,7 @@ def _add_flag(group, f):
 def parse_args(argv=None) -> Config:
     """Parse flags on top of the chosen preset, then validate. Raises IGFError on a bad value."""
     # the preset is read first, without --help, so that `--preset study --help` lists the study's defaults
-    pre_parser = _Parser(add_help=False)
+    pre_parser = ArgumentParser(add_help=False)
     pre_parser.add_argument("--preset", default=RunConfig.preset)
     pre, _ = pre_parser.parse_known_args(argv)
     parser = build_parser()

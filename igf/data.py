@@ -39,6 +39,7 @@ class ContextSets:
     test: torch.Tensor  # (N_test, T) measures the reported test perplexity
     sources: dict | None = None  # split -> (N,) int64 source of each context (index into source_names); or None
     source_names: tuple = ()
+    described: dict | None = None  # split -> where its text came from (named in error messages)
 
     def summary(self):
         return {name: list(getattr(self, name).shape) for name in SPLITS}
@@ -46,7 +47,8 @@ class ContextSets:
     def objective_set(self, size, seed):
         """(objective contexts (size, T), their rows in ``validation``): a seeded sample of the validation windows."""
         if size > len(self.validation):
-            raise IGFError(f"--size_objective_set {size} asks for more contexts than the validation text has "
+            where = (self.described or {}).get("validation", "the validation text")
+            raise IGFError(f"--size_objective_set {size} asks for more contexts than {where} has "
                            f"({len(self.validation)} of {self.validation.shape[1]} tokens, outside the test set)")
         rows = torch.randperm(len(self.validation), generator=torch.Generator().manual_seed(seed))[:size]
         return self.validation[rows], rows
@@ -217,4 +219,4 @@ def build_context_sets(corpus, context_len, size_test_set, test_seed, sources=No
         raise IGFError(f"{sources['train']} has no context that is not also in the validation or test text")
     return ContextSets(train=windows["train"][keep["train"]], validation=validation, test=test,
                        sources={s: origin[s][keep[s]] for s in SPLITS} if origin is not None else None,
-                       source_names=tuple(corpus.source_names))
+                       source_names=tuple(corpus.source_names), described=sources)

@@ -120,12 +120,17 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
                        "the model changed. Use --overwrite_output_dir")
     print(f"  pretrained objective-set perplexity {ppl_before:.4f}", flush=True)
 
+    def sourced(pairs):  # each labelled context's source (its work, its file), where sources are known
+        if sets.sources is None:
+            return pairs
+        return [{**p, "source": sets.source_names[int(sets.sources["train"][p["context_index"]])]} for p in pairs]
+
     def record(complete=False):
         out = {"fingerprint": fingerprint, "ppl_before": ppl_before, "estimator": ig.ig_estimator,
-               "complete": complete, **done}
+               "complete": complete, **{key: sourced(pairs) for key, pairs in done.items()}}
         if complete:
             z, mean, std = zscore([p["ig"] for p in done["pairs"]])
-            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(done["pairs"], z)]
+            out["pairs"] = [{**p, "ig_z": zi} for p, zi in zip(out["pairs"], z)]
             out["stats"] = {**ig_statistics(done["pairs"], done["validation"]), "ig_std": std}
         return out
 

@@ -124,3 +124,76 @@ def plot_results(results, records):
     fig.suptitle(_title(records), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _bars(ax, labels, entries, colors, width=0.8, offset=0.0):
+    x = np.arange(len(labels)) + offset
+    means = [np.nan if e is None else e["mean"] for e in entries]
+    errs = [0 if e is None or e["se"] is None else e["se"] for e in entries]
+    ax.bar(x, means, width=width, yerr=errs, color=colors, capsize=3, alpha=0.85)
+    return x
+
+
+def plot_selection(report):
+    """The selection report's figure: the share of each source group among the kept contexts (against the pool,
+    objective and test sets), the kept tokens' unigram KL to the objective and test sets, and their mean
+    pretrained loss; mean +- SE over runs."""
+    methods = list(report["methods"])
+    colors = _colors(methods)
+    groups = report["groups"][:6]
+    panels = 3 if groups else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    axes = list(axes)
+    ticks = [SHORT.get(m, m) for m in methods]
+    if groups:
+        ax = axes.pop(0)
+        width = 0.8 / len(groups)
+        sets = report["sets"]
+        for i, g in enumerate(groups):
+            offset = (i - (len(groups) - 1) / 2) * width
+            x = _bars(ax, methods, [report["methods"][m].get("groups", {}).get(g) for m in methods],
+                      [colors[m] for m in methods], width=width * 0.9, offset=offset)
+            for xi in x:
+                ax.text(xi, 0.01, g, rotation=90, fontsize=6, ha="center", va="bottom", color="white")
+        style = {"pool": "-", "test set": ":", "objective sets (mean)": "--"}
+        first = groups[0]
+        objective = [o["groups"].get(first, 0.0) for o in sets["objective"] if o["groups"]]
+        lines = (("pool", sets["pool"]["groups"].get(first)), ("test set", sets["test"]["groups"].get(first)),
+                 ("objective sets (mean)", float(np.mean(objective)) if objective else None))
+        for label, value in lines:
+            if value is not None:
+                ax.axhline(value, color="black", linestyle=style[label], linewidth=1, label=f"{label}: {first}")
+        ax.set_xticks(range(len(methods)), ticks, fontsize=8)
+        ax.set_ylabel("share of kept contexts")
+        ax.set_title("kept contexts by source group", fontsize=10)
+        ax.legend(frameon=False, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    # means with error bars, not bars from zero: the differences between methods are a few percent. The KL to
+    # each target is drawn relative to standard's (when it ran), so the two targets share one axis.
+    ax = axes.pop(0)
+    base = report["methods"].get("standard")
+    for i, (key, marker) in enumerate((("kl_objective", "o"), ("kl_test", "s"))):
+        ref = base[key]["mean"] if base and base[key] else 0.0
+        for j, m in enumerate(methods):
+            e = report["methods"][m][key]
+            if e is not None:
+                ax.errorbar(j + (i - 0.5) * 0.25, e["mean"] - ref, yerr=e["se"] or 0, fmt=marker, color=colors[m],
+                            capsize=3)
+    if base:
+        ax.axhline(0, color="tab:gray", linewidth=1)
+    ax.set_xticks(range(len(methods)), ticks, fontsize=8)
+    ax.set_ylabel("unigram KL(target ‖ kept), nats" + (" − standard's" if base else ""))
+    ax.set_title("how far the kept tokens are from the targets\n(circles: objective set, squares: test set)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax = axes.pop(0)
+    for j, m in enumerate(methods):
+        e = report["methods"][m]["pretrained_loss"]
+        if e is not None:
+            ax.errorbar(j, e["mean"], yerr=e["se"] or 0, fmt="o", color=colors[m], capsize=3)
+    ax.set_xticks(range(len(methods)), ticks, fontsize=8)
+    ax.set_ylabel("mean pretrained loss, nats / token")
+    ax.set_title("how hard the kept contexts are for the pretrained LM", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .errors import IGFError
 from .statistics import correlations
 
+HEAD_BLOCK = 2048  # rows per matrix product in SecondaryLearner.scores (see there)
 POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
 FROZEN = ("embed.", "features.")  # state-dict prefixes rebuilt from the LM and the data, never saved
 
@@ -112,7 +113,12 @@ class SecondaryLearner(nn.Module):
                 h[:, lo:hi] += tables[k][ids[:, lo + k - pad: hi + k - pad]]
         h = F.relu(h)
         h = h.amax(dim=1) if self.pooling == "max" else torch.cat([h.amax(dim=1), h.mean(dim=1)], dim=1)
-        return self.head(h).squeeze(-1)
+        # the head's matrix products run on blocks of exactly HEAD_BLOCK rows (the last one zero-padded): a BLAS
+        # picks its kernel by the number of rows, so this way a context's score is the same bits however the
+        # contexts around it were batched (IGF's pool scores and the filter's must agree exactly)
+        n = len(h)
+        h = F.pad(h, (0, 0, 0, -n % HEAD_BLOCK))
+        return torch.cat([self.head(block) for block in h.split(HEAD_BLOCK)])[:n].squeeze(-1)
 
     def trainable_state(self):
         """Weights to save: everything but the frozen tables (the embedding copy and the token features), which

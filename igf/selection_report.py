@@ -19,6 +19,8 @@ the pool (the lift). The ingredients are recorded while a run's batches are plan
 ``contexts.json`` (``contexts_summary``), so ``--plot_only`` redraws the report without a model.
 """
 
+import math
+
 import numpy as np
 
 KL_PRIOR_TOKENS = 1000  # Dirichlet prior strength (pseudo-tokens) of the kept unigram distribution
@@ -74,3 +76,181 @@ def kept_facts(batches, pool, pool_sources, losses, sample):
     if pool_sources is not None:
         facts["kept_sources"] = [[int(pool_sources[r]) for r in batch] for batch in batches]
     return facts
+
+
+# ----------------------------------------------------------------------------- the measures (pure)
+
+def source_group(name):
+    """The group of a source: the part of its name before the first "/" (a corpus), else the name itself."""
+    return name.split("/", 1)[0]
+
+
+def pool_unigram(contexts):
+    """The pool's add-one smoothed unigram distribution over the LM's vocabulary: (V,) float64."""
+    v = contexts["vocab_size"]
+    counts = np.zeros(v, dtype=np.float64)
+    for token, c in contexts["pool"]["unigrams"].items():
+        counts[int(token)] = c
+    return (counts + 1) / (counts.sum() + v)
+
+
+def unigram_kl(target, kept, prior, prior_tokens=KL_PRIOR_TOKENS):
+    """KL(p_target || q_kept) in nats: p_target the empirical unigram distribution of ``target`` ({token: count}),
+    q_kept that of ``kept`` smoothed with a Dirichlet prior: q(v) = (c_kept(v) + m * prior(v)) / (N_kept + m)."""
+    tokens = np.fromiter((int(t) for t in target), dtype=np.int64, count=len(target))
+    p = np.fromiter(target.values(), dtype=np.float64, count=len(target))
+    p /= p.sum()
+    c = np.fromiter((kept.get(str(t), 0) for t in tokens), dtype=np.float64, count=len(tokens))
+    q = (c + prior_tokens * prior[tokens]) / (sum(kept.values()) + prior_tokens)
+    return float(np.sum(p * np.log(p / q)))
+
+
+def overlap(kept_rows, reference_rows):
+    """The fraction of the kept rows (all batches) that the reference run also kept."""
+    a = [r for batch in kept_rows for r in batch]
+    b = {r for batch in reference_rows for r in batch}
+    return sum(r in b for r in a) / len(a)
+
+
+def _mean_se(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {"mean": float(np.mean(v)), "se": se, "n": len(v)}
+
+
+def _shares(counts, names):
+    """({source: share}, {group: share}) of source counts (None when unknown)."""
+    if counts is None:
+        return None, None
+    total = sum(counts) or 1
+    by_source = {n: c / total for n, c in zip(names, counts) if c}
+    by_group = {}
+    for n, c in zip(names, counts):
+        by_group[source_group(n)] = by_group.get(source_group(n), 0.0) + c / total
+    return by_source, by_group
+
+
+# ----------------------------------------------------------------------------- the report
+
+def selection_report(records, contexts, reference="igf_constant", baseline="standard"):
+    """What every method kept: ``records`` {method: {pipeline: [run records]}} (the baseline's under pipeline 0,
+    shared by all pipelines), ``contexts`` the comparison sets (``contexts_summary``). Measures are per run, then
+    mean +- SE over every (pipeline, run); each baseline run counts once, its objective-set KL and its overlap
+    averaged over the pipelines."""
+    names = contexts["source_names"]
+    known = contexts["pool"]["sources"] is not None
+    prior = pool_unigram(contexts)
+    k = max(len(by_p) for m, by_p in records.items() if m != baseline) if any(
+        m != baseline for m in records) else 1
+    pool_grp = _shares(contexts["pool"]["sources"], names)[1]
+    test_grp = _shares(contexts["test"]["sources"], names)[1]
+    objective = [_shares(o["sources"], names) for o in contexts["objective"][:k]]
+    report = {"source_names": names, "groups": sorted({source_group(n) for n in names}) if known else [],
+              "reference": reference if reference in records else None, "kl_prior_tokens": KL_PRIOR_TOKENS,
+              "sets": {"pool": {"groups": pool_grp, "n": contexts["pool"]["n"]},
+                       "test": {"groups": test_grp, "n": contexts["test"]["n"]},
+                       "objective": [{"groups": g, "n": o["n"]}
+                                     for (_, g), o in zip(objective, contexts["objective"])]},
+              "methods": {}}
+    for method, by_p in records.items():
+        rows = {"kl_objective": [], "kl_test": [], "pretrained_loss": [], "overlap": [], "candidates": []}
+        group_shares, kept_counts, by_pipeline = [], np.zeros(len(names)), {}
+        # (run, the pipelines it is compared in): the baseline's runs once, against every pipeline's sets
+        runs = [(r, list(range(k))) for r in by_p.get(0, [])] if method == baseline else \
+            [(r, [p]) for p in range(k) for r in by_p.get(p, [])]
+        for r, pipes in runs:
+            refs = [{x["run"]: x for x in records.get(reference, {}).get(p, [])}.get(r["run"]) for p in pipes]
+            if "kept_unigrams" in r:
+                rows["kl_objective"].append(float(np.mean([unigram_kl(contexts["objective"][p]["unigrams"],
+                                                                      r["kept_unigrams"], prior) for p in pipes])))
+                rows["kl_test"].append(unigram_kl(contexts["test"]["unigrams"], r["kept_unigrams"], prior))
+            rows["pretrained_loss"].append(float(np.mean(r["kept_loss"])) if r.get("kept_loss") else None)
+            if method != reference and all(refs):
+                rows["overlap"].append(float(np.mean([overlap(r["kept_rows"], x["kept_rows"]) for x in refs])))
+            rows["candidates"].append(sum(r["candidates_drawn"]) / (r["batch_size"] * len(r["candidates_drawn"])))
+            if known and "kept_sources" in r:
+                counts = source_counts([s for batch in r["kept_sources"] for s in batch], len(names))
+                group_shares.append(_shares(counts, names)[1])
+                kept_counts += counts
+                for p in pipes:
+                    by_pipeline.setdefault(p, []).append(group_shares[-1])
+        entry = {key: _mean_se(values) for key, values in rows.items()}
+        if group_shares:
+            entry["groups"] = {g: _mean_se([s.get(g, 0.0) for s in group_shares]) for g in report["groups"]}
+            entry["groups_by_pipeline"] = [{g: _mean_se([s.get(g, 0.0) for s in by_pipeline[p]])
+                                            for g in report["groups"]} for p in sorted(by_pipeline)]
+            entry["sources"] = _lifts(kept_counts, contexts["pool"]["sources"], names)
+        report["methods"][method] = entry
+    return report
+
+
+def _lifts(kept_counts, pool_counts, names):
+    """Per source: share of the kept contexts, share of the pool, and their ratio (the lift); the sources with at
+    least MIN_POOL_SHARE of the pool, most favoured first, and the TOP_SOURCES favoured and avoided."""
+    kept_total, pool_total = kept_counts.sum(), sum(pool_counts)
+    rows = []
+    for name, kept, pool in zip(names, kept_counts, pool_counts):
+        if pool / pool_total >= MIN_POOL_SHARE:
+            rows.append({"source": name, "kept_share": kept / kept_total, "pool_share": pool / pool_total,
+                         "lift": (kept / kept_total) / (pool / pool_total)})
+    rows.sort(key=lambda r: -r["lift"])
+    return {"all": rows, "favoured": rows[:TOP_SOURCES], "avoided": rows[::-1][:TOP_SOURCES]}
+
+
+def _fmt(x, digits=3, percent=False):
+    if x is None:
+        return "n/a"
+    scale, unit = (100, " %") if percent else (1, "")
+    se = "" if x["se"] is None else f" ± {x['se'] * scale:.{digits}f}"
+    return f"{x['mean'] * scale:.{digits}f}{se}{unit}"
+
+
+def selection_markdown(report):
+    """selection.md: one row per method (then the pool, objective and test sets), and per method the sources it
+    favours and avoids."""
+    groups = report["groups"][:6]
+    header = ["method"] + [f"{g} share" for g in groups] + [
+        "unigram KL to objective (nats)", "unigram KL to test (nats)", "pretrained loss of kept (nats/token)",
+        f"overlap with {report['reference'] or 'reference'}", "candidates per kept"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, e in report["methods"].items():
+        row = [method] + [_fmt(e.get("groups", {}).get(g), 1, percent=True) for g in groups] + [
+            _fmt(e["kl_objective"]), _fmt(e["kl_test"]), _fmt(e["pretrained_loss"]), _fmt(e["overlap"], 2),
+            _fmt(e["candidates"], 2)]
+        lines.append("| " + " | ".join(row) + " |")
+    sets = report["sets"]
+    ref_rows = [("pool", [sets["pool"]["groups"]]), ("test set", [sets["test"]["groups"]]),
+                ("objective sets", [o["groups"] for o in sets["objective"]])]
+    for label, shares in ref_rows:
+        if groups and all(s is not None for s in shares):
+            cells = [" / ".join(f"{100 * s.get(g, 0.0):.1f} %" for s in shares) for g in groups]
+            lines.append("| " + " | ".join([f"*{label}*"] + cells + [""] * 5) + " |")
+    text = "\n".join(lines) + "\n"
+    text += (f"\nShares: fraction of kept contexts per source group (mean ± SE over runs; the objective sets' row "
+             f"lists each pipeline's). Unigram KL: KL(target ‖ kept tokens), the kept distribution smoothed with a "
+             f"Dirichlet prior of {report['kl_prior_tokens']} pseudo-tokens centred on the pool's add-one unigram "
+             f"distribution; lower = closer. Overlap: fraction of a run's kept contexts that "
+             f"{report['reference']} kept in the same pipeline and seed.\n")
+    several = [(m, e["groups_by_pipeline"]) for m, e in report["methods"].items()
+               if len(e.get("groups_by_pipeline", [])) > 1]
+    if several and groups:
+        g = groups[0]
+        k = len(several[0][1])
+        text += (f"\n| {g} share of kept contexts | " + " | ".join(f"pipeline {p}" for p in range(k)) + " |\n|"
+                 + "---|" * (k + 1) + "\n")
+        text += "".join(f"| {m} | " + " | ".join(_fmt(x.get(g), 1, percent=True) for x in by_p) + " |\n"
+                        for m, by_p in several)
+        objective = [o["groups"] for o in sets["objective"]]
+        if all(objective):
+            text += "| *objective set* | " + " | ".join(f"{100 * o.get(g, 0.0):.1f} %" for o in objective) + " |\n"
+    lifted = [(m, e["sources"]) for m, e in report["methods"].items() if "sources" in e]
+    if lifted:
+        text += "\n| method | favours (kept share / pool share) | avoids |\n|---|---|---|\n"
+        for m, s in lifted:
+            cell = lambda rows: ", ".join(f"{r['source']} ×{r['lift']:.2f}" for r in rows)  # noqa: E731
+            text += f"| {m} | {cell(s['favoured'])} | {cell(s['avoided'])} |\n"
+        text += (f"\nLift: a source's share of all kept contexts over its share of the pool, for sources with at "
+                 f"least {100 * MIN_POOL_SHARE:.1f} % of the pool.\n")
+    return text

@@ -62,6 +62,19 @@ def text_files(tmp_path_factory):
             "test": write_text(folder / "test.txt", held())}
 
 
+@pytest.fixture(scope="session")
+def text_folders(tmp_path_factory):
+    """Like ``text_files``, with the training text as a folder of two files, one per style (two sources)."""
+    rng = random.Random(1)
+    folder = tmp_path_factory.mktemp("folders")
+    (folder / "train").mkdir()
+    write_text(folder / "train" / "style_a.txt", sentences(STYLE_A, 250, rng))
+    write_text(folder / "train" / "style_b.txt", sentences(STYLE_B, 250, rng))
+    held = lambda: sentences(STYLE_A, 80, rng) + sentences(STYLE_B, 20, rng)  # noqa: E731
+    return {"train": str(folder / "train"), "validation": write_text(folder / "validation.txt", held()),
+            "test": write_text(folder / "test.txt", held())}
+
+
 def make_tiny_model(folder, n_positions=64, seed=0):
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -119,9 +119,13 @@ def test_embedded_books():
     for split in ("train", "validation", "test"):
         assert any(w.startswith("shakespeare/") for w in splits[split])
         assert any(w.startswith("kjv/") for w in splits[split])
-    files = assets.ensure_books()
-    assert "To be, or not to be" in open(files["test"], encoding="utf-8").read()  # Hamlet is test text
-    assert "To be, or not to be" not in open(files["train"], encoding="utf-8").read()
+    files = assets.ensure_books()  # one file per work, named by its work, in the split's order
+    assert [name for _, name in files["validation"]] == assets.SPLIT_OF_WORK["validation"]
+    text = {split: "".join(open(path, encoding="utf-8").read() for path, _ in files[split]) for split in files}
+    assert "To be, or not to be" in text["test"]  # Hamlet is test text
+    assert "To be, or not to be" not in text["train"]
+    hamlet = dict((name, path) for path, name in files["test"])["shakespeare/hamlet"]
+    assert "To be, or not to be" in open(hamlet, encoding="utf-8").read()
 
 
 def test_embedded_smollm2_predicts_paris():

@@ -87,3 +87,26 @@ def test_flags_checked():
         ig_speed.parse_args(["--train_file", "a.txt"])
     args = ig_speed.parse_args(["--ig_optimizer", "sgd"])
     assert args.model_name_or_path == "embedded-smollm2" and args.context_len == 32 and args.threads == 2
+
+
+def test_filter_speed_benchmark_on_the_tiny_model(tiny_model, text_folders, tmp_path):
+    """benchmarks/filter_speed.py with a tiny learner and corpus: one row per size, sane figures, the table."""
+    import run_clm_igf
+    from conftest import tiny_flags
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import filter_speed
+
+    out = tmp_path / "out"
+    assert run_clm_igf.main(tiny_flags(tiny_model, text_folders, out) + ["--stages", "ig_pairs", "learner"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = filter_speed.main(["--output_dir", str(out), "--input", text_folders["train"], "--sizes_mb", "0.02",
+                                  "0.05", "--work_dir", str(tmp_path), "--json", str(tmp_path / "f.json")])
+    assert [r["megabytes"] >= mb for r, mb in zip(rows, (0.02, 0.05))] == [True, True]  # whole files, repeated
+    for r in rows:
+        assert r["contexts"] > 0 and r["tokens"] == 16 * r["contexts"] and 0 < r["kept"] <= r["contexts"]
+        assert r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 10e6 and r["start_up_seconds"] > 0
+    assert rows[1]["contexts"] > rows[0]["contexts"]
+    assert "| corpus | tokens | contexts |" in printed.getvalue()
+    assert json.load(open(tmp_path / "f.json")) == rows

@@ -37,26 +37,30 @@ def finished(proc, log):
 
 
 @pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate's launcher is not installed")
-def test_two_processes_write_the_single_process_artifacts(tiny_model, text_files, tmp_path):
+def test_two_processes_write_the_single_process_artifacts(tiny_model, text_folders, tmp_path):
+    """Every method (a training folder of two sources, for source_matched) on two pipelines."""
     one, two = tmp_path / "one", tmp_path / "two"
-    argv = tiny_flags(tiny_model, text_files, one) + ["--methods", *METHODS]
-    assert run_clm_igf.main(argv) == 0
-    finished(launch(tiny_flags(tiny_model, text_files, two) + ["--methods", *METHODS], tmp_path / "two.log"),
-             tmp_path / "two.log")
+    extra = ["--methods", *METHODS, "--num_pipelines", "2"]
+    assert run_clm_igf.main(tiny_flags(tiny_model, text_folders, one) + extra) == 0
+    finished(launch(tiny_flags(tiny_model, text_folders, two) + extra, tmp_path / "two.log"), tmp_path / "two.log")
     config = json.load(open(two / artifacts.CONFIG))
     assert config["launch"]["num_processes"] == 2 and config["launch"]["backend"] == "gloo"
     assert json.load(open(two / artifacts.TIMINGS))["num_processes"] == 2
     assert json.load(open(one / artifacts.CONFIG))["launch"]["num_processes"] == 1
     # exact IG per context is deterministic and every chunk is labelled as in one process: the same bytes
+    second = os.path.join(artifacts.PIPELINES, "1")
     for name in (artifacts.IG_PAIRS, artifacts.LEARNER_METRICS, artifacts.RESULTS, artifacts.RESULTS_TABLE,
-                 artifacts.DATA):
+                 artifacts.DATA, artifacts.CONTEXTS, artifacts.SELECTION, os.path.join(second, artifacts.IG_PAIRS),
+                 os.path.join(second, artifacts.LEARNER_METRICS)):
         assert read_bytes(one / name) == read_bytes(two / name), name
-    runs = sorted(os.listdir(one / artifacts.RUNS))
-    assert runs == sorted(os.listdir(two / artifacts.RUNS)) and len(runs) == 2 * len(METHODS)
-    for name in runs:
-        assert read_bytes(one / artifacts.RUNS / name) == read_bytes(two / artifacts.RUNS / name), name
+    for runs_dir in (artifacts.RUNS, os.path.join(second, artifacts.RUNS)):
+        runs = sorted(os.listdir(one / runs_dir))
+        assert runs == sorted(os.listdir(two / runs_dir)) and len(runs) == 2 * (len(METHODS) - (runs_dir != "runs"))
+        for name in runs:
+            assert read_bytes(one / runs_dir / name) == read_bytes(two / runs_dir / name), name
     log = open(tmp_path / "two.log").read()
-    assert log.count("=== 2) information gain ===") == 1 and log.count("=== 5) statistics ===") == 1  # main only
+    assert log.count("=== 2) information gain (pipeline 1) ===") == 1  # logs from the main process only
+    assert log.count("=== 5) statistics ===") == 1
 
 
 @pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate's launcher is not installed")

@@ -19,6 +19,10 @@ BATCH = 5
 # lr 1e-4: a first Adam step moves each weight by lr * g / (|g| + 1e-8). Some gradients are zero up to float32
 # rounding (GPT-2's key biases cannot change the attention softmax), so their ~1e-12 noise is amplified by
 # lr / eps; at 1e-4 that stays below 1e-7, well inside the 1e-6 tolerance, while real updates are ~1e-4.
+# Where |g| is near eps the step is ill-conditioned (d step / d g = lr eps / (|g| + eps)^2, up to lr / 4 eps):
+# a gradient of 2e-8 summed in another order (5 % off) moves its weight 1e-6 differently. Those weights are
+# held to the bound of any Adam step (lr); every other weight to 1e-6.
+ILL_CONDITIONED = 1e-7  # |g| below 10 eps
 CFG = SimpleNamespace(batch_size=BATCH, max_steps=1, learning_rate=1e-4, weight_decay=0.01, warmup_steps=0,
                       eval_every=1, eval_batch_size=8)
 
@@ -106,7 +110,9 @@ def test_one_step_is_the_mean_gradient_of_the_kept_contexts(setup, threshold):
     for name, p, q in zip(names, model.parameters(), reference.parameters()):
         # the step's gradient is still on .grad: it must be the mean of the kept contexts' gradients
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), f"gradient of {name}"
-        assert torch.allclose(p.detach(), q.detach(), rtol=0, atol=1e-6), f"parameter {name} after the step"
+        sound = q.grad.abs() >= ILL_CONDITIONED
+        assert torch.allclose(p.detach()[sound], q.detach()[sound], rtol=0, atol=1e-6), f"parameter {name}"
+        assert (p.detach() - q.detach()).abs().max() <= 2 * CFG.learning_rate, f"parameter {name}"
     moved = max((p.detach() - q.detach()).abs().max().item()
                 for p, q in zip(model.parameters(), pretrained.parameters()))
     assert moved > 50 * 1e-6, "the step must move the weights well beyond the tolerance"

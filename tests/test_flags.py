@@ -137,9 +137,9 @@ def test_size_test_set_zero_uses_every_test_context(base, text_files, tiny_model
     capsys.readouterr()
     folder = rerun(base, tmp_path / "test0", stages="finetune", methods="standard", size_test_set=0)
     out = capsys.readouterr().out
-    streams = tokenize_splits(load_raw_splits(text_files["train"], text_files["validation"], text_files["test"]),
-                              AutoTokenizer.from_pretrained(tiny_model))
-    every = cut_contexts(streams["test"], 16)
+    corpus = tokenize_splits(load_raw_splits(text_files["train"], text_files["validation"], text_files["test"]),
+                             AutoTokenizer.from_pretrained(tiny_model))
+    every = cut_contexts(corpus.ids["test"], 16)
     assert len(every) > 16  # more than the base run's --size_test_set
     assert re.search(rf"test contexts\s+{len(every)} x 16 tokens", out), out
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -192,7 +192,7 @@ def test_dataset_name_config_and_text_column(config, column, same_text, base, lo
     folder = run_ok(hub_flags(base, local_dataset, tmp_path / "hub", dataset_config_name=config,
                               text_column=column))
     pairs, ref = load(folder, artifacts.IG_PAIRS), load(out_dir(base), artifacts.IG_PAIRS)
-    assert pairs["fingerprint"]["data"] == [local_dataset, config]
+    assert pairs["fingerprint"]["data"] == [local_dataset, config, None]  # no --source_column
     if same_text:  # the same contexts and information gains as the base run's text files
         assert [p["tokens"] for p in pairs["pairs"]] == [p["tokens"] for p in ref["pairs"]]
         assert ig_values(pairs) == ig_values(ref) and pairs["ppl_before"] == ref["ppl_before"]
@@ -264,9 +264,9 @@ def spy_perplexity(monkeypatch, *modules):
 
 
 def test_ig_eval_batch_size_only_changes_batching(base, tmp_path, monkeypatch):
-    from igf import estimators
+    from igf import estimators, pipelines
 
-    sizes = spy_perplexity(monkeypatch, run_clm_igf, estimators)
+    sizes = spy_perplexity(monkeypatch, pipelines, estimators)
     pairs, ref = ig_run(base, tmp_path / "bs3", ig_eval_batch_size=3), load(out_dir(base), artifacts.IG_PAIRS)
     assert sizes == [3] * (1 + 24 + 8)  # before any step, then after the step on each of 24 pairs + 8 validation
     assert pairs["ppl_before"] == pytest.approx(ref["ppl_before"], rel=1e-5)
@@ -486,7 +486,7 @@ def test_standardize_scores_switch(base, tmp_path):
     for method in IGF:
         for record, ref in zip(runs[method], base_runs(base, method)):
             assert record["thresholds"] == ref["thresholds"]  # the same thresholds, on another scale
-            assert record["fingerprint"]["optim"][-2] is False and ref["fingerprint"]["optim"][-2] is True
+            assert record["fingerprint"]["optim"][8] is False and ref["fingerprint"]["optim"][8] is True
         # another scale of the scores: other candidates kept in some run
         assert [(r["candidates_drawn"], r["train_loss"]) for r in runs[method]] != [
             (r["candidates_drawn"], r["train_loss"]) for r in base_runs(base, method)]
@@ -516,7 +516,7 @@ def test_mixed_precision_bf16_autocasts_the_training_forward_only(base, tmp_path
     assert len(seen) == 6 * 3 and all(seen)  # every training forward (6 runs x 3 steps) under bf16 autocast
     for method in METHODS:
         for record, ref in zip(runs[method], base_runs(base, method)):
-            assert record["fingerprint"]["optim"][-1] == "bf16" and ref["fingerprint"]["optim"][-1] == "no"
+            assert record["fingerprint"]["optim"][9] == "bf16" and ref["fingerprint"]["optim"][9] == "no"
             assert record["train_loss"] != ref["train_loss"]  # bf16 matmuls in the forward pass
             assert record["test_ppl"][0] == ref["test_ppl"][0]  # evaluation stays in full precision
 
@@ -534,7 +534,7 @@ def test_torch_dtype_bfloat16_fine_tunes_in_bf16_but_measures_ig_in_float32(base
     assert read_bytes(folder, artifacts.IG_PAIRS) == read_bytes(out_dir(base), artifacts.IG_PAIRS)
     for method in METHODS:
         for record, ref in zip(runs_of(folder, method), base_runs(base, method)):
-            assert record["fingerprint"]["optim"][-3] == "bfloat16"
+            assert record["fingerprint"]["optim"][7] == "bfloat16"
             assert all(math.isfinite(v) and v > 1 for v in record["test_ppl"] + record["train_loss"])
             assert record["test_ppl"] != ref["test_ppl"]  # bf16 weights give other numbers
     results = load(folder, artifacts.RESULTS)
@@ -581,12 +581,14 @@ def test_stages_run_one_after_another(base, tmp_path):
     assert os.path.exists(os.path.join(folder, artifacts.FIGURE))
 
 
-def test_preset_study_runs_every_method_at_the_study_scale(tmp_path):
+def test_preset_study_runs_the_domain_controls_on_three_pipelines(tmp_path):
     from igf.config import METHODS as ALL_METHODS
 
     study = parse_args(["--preset", "study", "--output_dir", str(tmp_path / "o")])
-    assert study.finetune.methods == list(ALL_METHODS) and study.finetune.num_runs == 8
-    assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 4, 100)
+    assert study.finetune.methods == ["standard", "igf_constant", "random", "dsir", "source_matched"]
+    assert set(study.finetune.methods) < set(ALL_METHODS) and study.finetune.num_runs == 6
+    assert study.run.num_pipelines == 3
+    assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 6, 100)
     assert study.ig.ig_estimator == "first_order" and study.data.size_objective_set == 32  # the default's data
 
 

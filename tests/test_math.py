@@ -254,15 +254,21 @@ def w(k, T=4):
     return [k * 10 + i for i in range(T)]
 
 
+def _sets(streams, T, size_objective_set, size_test_set, objective_seed, test_seed):
+    """(ContextSets, objective set) as the driver makes them."""
+    sets = data.build_context_sets(streams, T, size_test_set, test_seed)
+    return sets, sets.objective_set(size_objective_set, objective_seed)[0]
+
+
 def test_build_context_sets_is_disjoint():
     val_windows = [w(1), w(2), w(3), w(4), w(50)]  # w(50) is also a test window
     test_windows = [w(5), w(6), w(50), w(7)]
     own_train = [w(20 + k) for k in range(8)]
     train_windows = own_train[:3] + [w(1), w(5)] + own_train[3:6] + [w(3), w(50), w(7)] + own_train[6:]
     streams = {"train": _stream(train_windows), "validation": _stream(val_windows), "test": _stream(test_windows)}
-    sets = data.build_context_sets(streams, 4, size_objective_set=4, size_test_set=0, objective_seed=0, test_seed=1)
-    obj, test, train = _rows(sets.objective), _rows(sets.test), _rows(sets.train)
-    assert len(sets.objective) == 4 and len(obj) == 4
+    sets, objective = _sets(streams, 4, size_objective_set=4, size_test_set=0, objective_seed=0, test_seed=1)
+    obj, test, train = _rows(objective), _rows(sets.test), _rows(sets.train)
+    assert len(objective) == 4 and len(obj) == 4
     assert test == {tuple(x) for x in test_windows}  # size_test_set=0 keeps every test context
     assert obj == {tuple(w(k)) for k in (1, 2, 3, 4)}  # w(50) is a test window: never in the objective set
     assert not obj & test and not obj & train and not test & train
@@ -270,42 +276,44 @@ def test_build_context_sets_is_disjoint():
     assert sets.train.tolist() == own_train
 
 
-def test_build_context_sets_drops_only_sampled_windows_from_train():
+def test_the_pool_drops_every_validation_window_so_no_pipeline_changes_it():
     val_windows = [w(k) for k in range(1, 9)]
     test_windows = [w(k) for k in range(11, 19)]
     train_windows = [w(k) for k in range(1, 9)] + [w(k) for k in range(11, 19)] + [w(k) for k in range(30, 34)]
     streams = {"train": _stream(train_windows), "validation": _stream(val_windows), "test": _stream(test_windows)}
-    sets = data.build_context_sets(streams, 4, size_objective_set=3, size_test_set=5, objective_seed=7, test_seed=8)
-    assert sets.objective.shape == (3, 4) and sets.test.shape == (5, 4)
-    obj, test, train = _rows(sets.objective), _rows(sets.test), _rows(sets.train)
+    sets, objective = _sets(streams, 4, size_objective_set=3, size_test_set=5, objective_seed=7, test_seed=8)
+    assert objective.shape == (3, 4) and sets.test.shape == (5, 4)
+    obj, test, train = _rows(objective), _rows(sets.test), _rows(sets.train)
     assert obj <= {tuple(x) for x in val_windows} and test <= {tuple(x) for x in test_windows}
     assert not obj & test and not obj & train and not test & train
-    assert train == {tuple(x) for x in train_windows} - obj - test
-    assert len(sets.train) == len(train_windows) - 3 - 5
+    # every validation window (a later pipeline may sample any of them) and the sampled test windows
+    assert train == {tuple(x) for x in train_windows} - {tuple(x) for x in val_windows} - test
+    assert len(sets.train) == len(train_windows) - 8 - 5
+    other = sets.objective_set(3, 8)[0]  # another pipeline's objective set: the same pool
+    assert not _rows(other) & train and not torch.equal(other, objective)
 
 
 def test_build_context_sets_is_deterministic_for_a_seed():
     rng = np.random.default_rng(0)
     streams = {s: rng.integers(0, 1000, size=n) for s, n in (("train", 400), ("validation", 200), ("test", 200))}
-    make = lambda o, t: data.build_context_sets(streams, 5, 6, 7, objective_seed=o, test_seed=t)  # noqa: E731
-    a, b = make(1, 2), make(1, 2)
-    for name in ("train", "objective", "test"):
-        assert torch.equal(getattr(a, name), getattr(b, name))
-    assert not torch.equal(make(3, 2).objective, a.objective)
-    assert not torch.equal(make(1, 4).test, a.test)
-    assert torch.equal(make(3, 2).test, a.test)  # each set has its own generator
+    make = lambda o, t: _sets(streams, 5, 6, 7, objective_seed=o, test_seed=t)  # noqa: E731
+    (a, obj_a), (b, obj_b) = make(1, 2), make(1, 2)
+    assert torch.equal(a.train, b.train) and torch.equal(a.test, b.test) and torch.equal(obj_a, obj_b)
+    assert not torch.equal(make(3, 2)[1], obj_a)
+    assert not torch.equal(make(1, 4)[0].test, a.test)
+    assert torch.equal(make(3, 2)[0].test, a.test)  # each set has its own generator
 
 
 def test_build_context_sets_errors():
     ok = {"train": np.arange(40), "validation": np.arange(100, 140), "test": np.arange(200, 240)}
     with pytest.raises(IGFError, match="fewer than one context"):
-        data.build_context_sets({**ok, "validation": np.arange(3)}, 4, 2, 2, 0, 1)
+        _sets({**ok, "validation": np.arange(3)}, 4, 2, 2, 0, 1)
     with pytest.raises(IGFError, match="the test text has 0 tokens"):
-        data.build_context_sets({**ok, "test": np.arange(0)}, 4, 2, 2, 0, 1)
+        _sets({**ok, "test": np.arange(0)}, 4, 2, 2, 0, 1)
     with pytest.raises(IGFError, match="size_objective_set 11"):
-        data.build_context_sets(ok, 4, 11, 2, 0, 1)  # 10 validation contexts
+        _sets(ok, 4, 11, 2, 0, 1)  # 10 validation contexts
     with pytest.raises(IGFError, match="size_test_set 11"):
-        data.build_context_sets(ok, 4, 2, 11, 0, 1)
+        _sets(ok, 4, 2, 11, 0, 1)
     same = np.arange(40)
     with pytest.raises(IGFError, match="no context that is not also"):
-        data.build_context_sets({"train": same[:8], "validation": same[:8], "test": same[8:16]}, 4, 2, 0, 0, 1)
+        _sets({"train": same[:8], "validation": same[:8], "test": same[8:16]}, 4, 2, 0, 0, 1)

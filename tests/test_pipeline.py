@@ -83,8 +83,9 @@ def reuse(base, folder, *names):
 
 def test_every_artifact_is_written(base):
     folder = out_dir(base)
+    only_when_asked = {artifacts.PIPELINES: "--num_pipelines > 1", artifacts.MODELS: "--save_models"}
     for name in artifacts.ALL:
-        assert os.path.exists(os.path.join(folder, name)), name
+        assert os.path.exists(os.path.join(folder, name)) != (name in only_when_asked), name
     assert run_files(folder) == expected_run_files(METHODS, 2)
 
     assert read(folder, artifacts.FIGURE)[:8] == PNG_MAGIC
@@ -104,6 +105,7 @@ def test_every_artifact_is_written(base):
     pairs = artifacts.read_json(os.path.join(folder, artifacts.IG_PAIRS))
     assert pairs["complete"] and len(pairs["pairs"]) == 24
     assert all(len(p["tokens"]) == 16 and math.isfinite(p["ig"]) for p in pairs["pairs"])
+    assert {p["source"] for p in pairs["pairs"] + pairs["validation"]} == {"train"}  # the training file
     assert math.isfinite(pairs["ppl_before"])
 
     learner = torch.load(os.path.join(folder, artifacts.LEARNER), weights_only=True)
@@ -116,6 +118,17 @@ def test_every_artifact_is_written(base):
         assert record["steps"] == [0, 1, 2, 3]
         assert all(math.isfinite(v) and v > 1 for v in record["test_ppl"])
         assert len(record["candidates_drawn"]) == 3 and all(d >= 4 for d in record["candidates_drawn"])
+
+    record = artifacts.read_json(os.path.join(folder, artifacts.RUNS, "igf_constant_run000.json"))
+    kept = [r for batch in record["kept_rows"] for r in batch]
+    assert record["pipeline"] == 0 and len(record["kept_loss"]) == len(kept) == 12  # every kept context (<= 256)
+    assert sum(record["kept_unigrams"].values()) == 12 * 16 and "kept_sources" in record  # one source: the file
+    assert artifacts.read_json(os.path.join(folder, artifacts.RUNS, "standard_run000.json"))["pipeline"] is None
+    selection = artifacts.read_json(os.path.join(folder, artifacts.SELECTION))
+    assert set(selection["methods"]) == set(METHODS) and selection["source_names"] == ["train", "validation", "test"]
+    assert read(folder, artifacts.SELECTION_FIGURE)[:8] == PNG_MAGIC
+    assert "| igf_constant |" in read(folder, artifacts.SELECTION_TABLE).decode()
+    assert learner["built_on"]["context_len"] == 16 and set(learner["scale"]) == {"mean", "std"}
 
     results = artifacts.read_json(os.path.join(folder, artifacts.RESULTS))
     assert set(results["methods"]) == set(METHODS)

@@ -17,7 +17,7 @@ METHODS = ["standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle"
 
 def _record(method, run, curve, drawn=None, batch_size=4):
     drawn = [batch_size] * (len(curve) - 1) if drawn is None else drawn
-    return {"method": method, "run": run, "batch_size": batch_size, "candidates_drawn": drawn,
+    return {"method": method, "run": run, "batch_size": batch_size, "context_len": 32, "candidates_drawn": drawn,
             "steps": list(range(len(curve))), "test_ppl": list(curve)}
 
 
@@ -232,31 +232,103 @@ def _png(fig):
     return buf.getvalue()
 
 
+def _nested(records):
+    """{method: [records]} of one pipeline as the driver loads them: {method: {0: [records]}}."""
+    return {m: {0: recs} for m, recs in records.items()}
+
+
 def test_figure_with_six_methods():
     rng = random.Random(1)
-    records = {m: [_record(m, r, [100.0, 90.0 - i + rng.random(), 80.0 - i + rng.random()]) for r in range(3)]
-               for i, m in enumerate(METHODS)}
-    results = statistics.compare_methods(records)
-    fig = plot.plot_results(results, records, title="six methods")
+    records = _nested({m: [_record(m, r, [100.0, 90.0 - i + rng.random(), 80.0 - i + rng.random()]) for r in range(3)]
+                       for i, m in enumerate(METHODS)})
+    results = statistics.compare_all(records, [None])
+    fig = plot.plot_results(results, records)
     assert isinstance(fig, Figure)
-    left, right = fig.axes
+    left, middle, right = fig.axes
     assert len(left.get_lines()) == 6
     assert len({line.get_color() for line in left.get_lines()}) == 6  # one colour per method
+    # the paired difference from standard: one curve per other method, and the zero line
+    assert len(middle.get_lines()) == 5 + 1
+    diff = results["paired_difference"]["igf_constant"]
+    by_run = {r["run"]: r["test_ppl"] for r in records["standard"][0]}
+    expected = [sum(r["test_ppl"][i] - by_run[r["run"]][i] for r in records["igf_constant"][0]) / 3 for i in range(3)]
+    assert diff["mean"] == pytest.approx(expected) and diff["n"] == 3
     title = right.get_title()
     for m in METHODS[1:]:
         assert f"{m}: Welch p=" in title
     assert "paired p=" in title and "(n=3)" in title
     assert [t.get_text() for t in right.get_xticklabels()][-1] == "oracle"
+    assert "3 runs per method" in fig._suptitle.get_text()
     assert _png(fig).startswith(b"\x89PNG")
 
 
 def test_figure_without_standard():
-    records = {m: [_record(m, r, [100.0, 90.0 + r, 85.0 + r]) for r in range(2)] for m in ("random", "oracle", "x")}
-    results = statistics.compare_methods(records)
+    records = _nested({m: [_record(m, r, [100.0, 90.0 + r, 85.0 + r]) for r in range(2)]
+                       for m in ("random", "oracle", "x")})
+    results = statistics.compare_all(records, [None])
     fig = plot.plot_results(results, records)
-    right = fig.axes[1]
+    right = fig.axes[2]
     assert right.get_title() == "after the last batch"
     assert len(fig.axes[0].get_lines()) == 3
     assert _png(fig).startswith(b"\x89PNG")
-    one = {"standard": [_record("standard", 0, [100.0, 90.0])]}
-    assert _png(plot.plot_results(statistics.compare_methods(one), one)).startswith(b"\x89PNG")
+    one = {"standard": {0: [_record("standard", 0, [100.0, 90.0])]}}
+    assert _png(plot.plot_results(statistics.compare_all(one, [None]), one)).startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------- replicated pipelines
+
+def _pipelines(shift):
+    """standard (shared) and igf_constant / random on len(shift) pipelines: igf run r of pipeline p ends at
+    standard's final + shift[p] + 0.1 r; random at standard's + 1."""
+    standard = [_record("standard", r, [100.0, 60.0 + r]) for r in range(3)]
+    return {"standard": {0: standard},
+            "igf_constant": {p: [_record("igf_constant", r, [100.0, 60.0 + r + d + 0.1 * r]) for r in range(3)]
+                             for p, d in enumerate(shift)},
+            "random": {p: [_record("random", r, [100.0, 61.0 + r]) for r in range(3)] for p in range(len(shift))}}
+
+
+def test_across_pipelines_by_hand():
+    records = _pipelines([-1.0, -2.0, -0.5])
+    learners = [{"exact_spearman": 0.2}, {"exact_spearman": 0.4}, {"exact_spearman": -0.1}]
+    out = statistics.compare_all(records, learners)
+    assert out["num_pipelines"] == 3 and "tests" not in out
+    final = out["across_pipelines"]["igf_constant_vs_standard"]["final"]
+    # pipeline p's mean paired difference: shift[p] + 0.1 * mean(0, 1, 2) = shift[p] + 0.1
+    assert final["per_pipeline"] == pytest.approx([-0.9, -1.9, -0.4])
+    assert final["mean"] == pytest.approx(-3.2 / 3)
+    assert final["t_test"]["p"] == pytest.approx(stats.ttest_1samp([-0.9, -1.9, -0.4], 0).pvalue)
+    assert final["lower_in_pipelines"] == 3
+    # IGF against the control of its own pipeline: igf - random = shift[p] + 0.1 r - 1
+    vs_random = out["across_pipelines"]["igf_constant_vs_random"]["final"]["per_pipeline"]
+    assert vs_random == pytest.approx([-1.9, -2.9, -1.4])
+    within = out["pipelines"][1]["tests"]["igf_constant_vs_standard"]["final"]
+    assert within["paired_mean_difference"]["mean"] == pytest.approx(-1.9) and within["lower_in_pairs"] == 3
+    assert within["wilcoxon"]["n_pairs"] == 3 and out["pipelines"][1]["learner"] == learners[1]
+    spread = out["learner_spread"]
+    assert spread["per_pipeline"] == [0.2, 0.4, -0.1] and spread["mean"] == pytest.approx(0.5 / 3)
+    assert spread["sd"] == pytest.approx(statistics.np.std([0.2, 0.4, -0.1], ddof=1))
+    # every igf run of every pipeline in the pooled summary; standard once
+    assert out["methods"]["igf_constant"]["runs"] == 9 and out["methods"]["standard"]["runs"] == 3
+    diff = out["paired_difference"]["igf_constant"]
+    assert diff["n"] == 9 and len(diff["per_pipeline"]) == 3
+    assert diff["mean"][-1] == pytest.approx(sum([-0.9, -1.9, -0.4]) / 3)
+    tables = statistics.markdown_tables(out)
+    assert tables.startswith("## Across pipelines") and "## Pipeline 2" in tables
+    assert "| igf_constant vs standard | " in tables and "−0.90, −1.90, −0.40" in tables
+    assert "3 of 3 pipelines" in tables and "## IGF against each control" in tables
+    assert "Spearman per pipeline: 0.20, 0.40, -0.10" in tables
+    fig = plot.plot_results(out, records)
+    assert len(fig.axes[1].get_lines()) == 2 + 2 * 3 + 1  # two mean curves, a thin one per pipeline each, zero
+    assert "3 pipelines" in fig._suptitle.get_text()
+    plot.plt.close(fig)
+
+
+def test_one_pipeline_keeps_the_single_pipeline_layout():
+    records = _pipelines([-1.0])
+    out = statistics.compare_all(records, [{"exact_spearman": 0.3}])
+    assert out["tests"] == out["pipelines"][0]["tests"] and out["learner"] == {"exact_spearman": 0.3}
+    assert set(out["tests"]) == {"igf_constant_vs_standard", "random_vs_standard", "igf_constant_vs_random"}
+    tables = statistics.markdown_tables(out)
+    assert not tables.startswith("## Across") and tables.startswith("| method |")
+    single = statistics.compare_methods(statistics.records_of_pipeline(records, 0))
+    assert statistics.markdown_table(single, {"exact_spearman": 0.3}) in tables  # one pipeline: the table as before
