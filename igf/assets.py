@@ -265,7 +265,9 @@ def main(argv=None):
     args = parser.parse_args(argv)  # --help and bad options exit here, before anything is fetched
     try:
         print("model:", ensure_model(args.cache_dir))
-        print("books:", ensure_books(args.cache_dir))
+        books = ensure_books(args.cache_dir)
+        print("books:", os.path.join(cache_root(args.cache_dir), BOOKS_DIR), "(" + ", ".join(
+            f"{split}: {len(works)} works" for split, works in books.items()) + ")")
     except IGFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
