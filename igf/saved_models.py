@@ -54,14 +54,17 @@ def model_card(record, cfg, learner_metrics):
     header = ["---"] + ([f"base_model: {base}"] if base else []) + [
         "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- information-gain-filtration",
         f"- {method.replace('_', '-')}", "- causal-lm", "---"]
-    thresholds = sorted({t for t in record["thresholds"] if t is not None})
+    thresholds = [t for t in record["thresholds"] if t is not None]  # batch order
     if method == "standard":
         selection = "standard fine-tuning: every candidate context is trained on"
-    elif thresholds:
-        selection = (f"kept candidates whose predicted z-scored information gain passed the threshold "
-                     f"({', '.join(f'{t:g}' for t in thresholds)} over the run)")
+    elif method.startswith("igf_") and thresholds:
+        moved = (f"z >= {thresholds[0]:g} at every batch" if len(set(thresholds)) == 1 else
+                 f"z >= {thresholds[0]:g} at the first batch, moving to z >= {thresholds[-1]:g} by the last "
+                 f"({ft.shift_schedule} schedule, --shift_batches {ft.shift_batches})")
+        selection = f"kept the candidates whose predicted z-scored information gain passed {moved}"
     else:
-        selection = f"the `{method}` control of igf/selection.py"
+        selection = (f"the `{method}` control of igf/selection.py, keeping at each batch the fraction of the pool "
+                     f"that `{ft.control_matches}` keeps")
     drawn = sum(record["candidates_drawn"])
     kept = ft.batch_size * len(record["candidates_drawn"])
     exact = (learner_metrics or {}).get("exact_spearman")
@@ -86,6 +89,7 @@ def model_card(record, cfg, learner_metrics):
         f"- **test perplexity** (held-out test contexts of the run): {record['test_ppl'][0]:.3f} before, "
         f"{record['test_ppl'][-1]:.3f} after fine-tuning",
         "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'folder = "{os.path.join(cfg.run.output_dir, "models", method)}"',
         "model = AutoModelForCausalLM.from_pretrained(folder)", "tokenizer = AutoTokenizer.from_pretrained(folder)",
         "```", ""]
     return "\n".join(header + [""] + lines)

@@ -231,8 +231,9 @@ def selection_markdown(report):
     text += (f"\nShares: fraction of kept contexts per source group (mean ± SE over runs; the objective sets' row "
              f"lists each pipeline's). Unigram KL: KL(target ‖ kept tokens), the kept distribution smoothed with a "
              f"Dirichlet prior of {report['kl_prior_tokens']} pseudo-tokens centred on the pool's add-one unigram "
-             f"distribution; lower = closer. Overlap: fraction of a run's kept contexts that "
-             f"{report['reference']} kept in the same pipeline and seed.\n")
+             f"distribution; lower = closer. "
+             + (f"Overlap: fraction of a run's kept contexts that {report['reference']} kept in the same pipeline "
+                "and seed.\n" if report["reference"] else "Overlap: n/a, igf_constant was not run.\n"))
     several = [(m, e["groups_by_pipeline"]) for m, e in report["methods"].items()
                if len(e.get("groups_by_pipeline", [])) > 1]
     if several and groups:

@@ -56,7 +56,9 @@ def test_the_saved_model_reloads_and_gives_the_recorded_perplexity(saved, tiny_m
                      f"{record['test_ppl'][0]:.3f} before", f"{record['test_ppl'][-1]:.3f} after"):
             assert fact in card, fact
     igf_card = open(os.path.join(folder, artifacts.MODELS, "igf_constant", "README.md")).read()
-    assert "held-out exact-IG correlation Spearman" in igf_card and "threshold (0 over the run)" in igf_card
+    assert "held-out exact-IG correlation Spearman" in igf_card and "passed z >= 0 at every batch" in igf_card
+    assert f'folder = "{os.path.join(argv[argv.index("--output_dir") + 1], artifacts.MODELS, "igf_constant")}"' \
+        in igf_card  # the card's snippet names its own folder
 
 
 def test_save_models_on_finished_runs_retrains_run_zero(saved, tmp_path, capsys):
@@ -89,5 +91,8 @@ def test_one_long_igf_fine_tune_is_a_plain_command(tiny_model, text_files, tmp_p
     assert len(record["kept_rows"]) == 40 and record["steps"] == [0, 20, 40]
     assert record["thresholds"][0] == 0.5 and record["thresholds"][-1] == -0.5  # strict, then loose
     assert os.path.exists(folder / artifacts.MODELS / "igf_shifting" / "model.safetensors")
+    card = open(folder / artifacts.MODELS / "igf_shifting" / "README.md").read()
+    assert "passed z >= 0.5 at the first batch, moving to z >= -0.5 by the last" in card
+    assert "Overlap: n/a, igf_constant was not run." in open(folder / artifacts.SELECTION_TABLE).read()
     results = json.load(open(folder / artifacts.RESULTS))
     assert results["baseline"] is None and results["methods"]["igf_shifting"]["runs"] == 1
