@@ -25,7 +25,7 @@ from igf.config import Config, parse_args, stage_seed
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.distributed import Launch, OutputLock, resolve_device
 from igf.errors import IGFError
-from igf.finetune import finetune_run
+from igf.finetune import cpu_bf16_warning, finetune_run
 from igf.information_gain import WeightSnapshot, context_losses, perplexity
 from igf.pipelines import load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
 from igf.plot import plot_results, plot_selection
@@ -144,6 +144,8 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
     model.to(getattr(torch, ft.torch_dtype))
     snapshot, ppl_start = WeightSnapshot(model), None
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=ft.mixed_precision == "bf16")
+    if todo and (warning := cpu_bf16_warning(device, ft.mixed_precision)):
+        print(warning, flush=True)
     with tqdm(total=len(todo) * ft.max_steps, desc="fine-tuning", disable=not todo) as progress:
         for run, pipe, method, path, fingerprint in todo:
             if ppl_start is None:

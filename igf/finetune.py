@@ -25,6 +25,16 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, max_steps):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, max_steps)
 
 
+def cpu_bf16_warning(device, mixed_precision, native=torch.ops.mkldnn._is_mkldnn_bf16_supported):
+    """The warning to print when bf16 autocast is asked of a CPU without native bf16 (AVX-512 BF16 or AMX), else
+    None. There autocast emulates bf16: one SmolLM2 training step of 8 x 32 tokens took 60 s against 3-5 s in
+    float32 on an AVX2-only EPYC (it is 1.7x faster than float32 on one with AVX-512 BF16)."""
+    if mixed_precision != "bf16" or device.type != "cpu" or native():
+        return None
+    return ("warning: --mixed_precision bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): autocast is "
+            "emulated, about 13x slower than float32 here; --mixed_precision no is faster")
+
+
 def optimizer_step(model, optimizer, scheduler, batch, autocast=contextlib.nullcontext):
     """One step on the mean next-token loss of ``batch`` (B, T): the mean gradient of exactly these contexts.
     ``autocast()`` wraps the forward pass (bf16 mixed precision); the backward pass follows its casts."""
