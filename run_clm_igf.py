@@ -192,13 +192,14 @@ def run_statistics_and_plot(cfg, contexts=None):
     contexts = contexts or (artifacts.read_json(path) if os.path.exists(path) else None)
     report = selection_report(records, contexts) if contexts else None
     if report:
+        selection_table = selection_markdown(report)
         artifacts.write_json(os.path.join(out, artifacts.SELECTION), report)
-        artifacts.write_text(os.path.join(out, artifacts.SELECTION_TABLE), selection_markdown(report))
+        artifacts.write_text(os.path.join(out, artifacts.SELECTION_TABLE), selection_table)
         artifacts.write_figure(os.path.join(out, artifacts.SELECTION_FIGURE), plot_selection(report))
     section("5) statistics")
     print(table, flush=True)
     if report:
-        print(selection_markdown(report), flush=True)
+        print(selection_table, flush=True)
     print(f"  tables: {os.path.join(out, artifacts.RESULTS_TABLE)}, {os.path.join(out, artifacts.SELECTION_TABLE)}; "
           f"figures: {os.path.join(out, artifacts.FIGURE)}, {os.path.join(out, artifacts.SELECTION_FIGURE)}",
           flush=True)

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -235,15 +236,13 @@ class AtomicOutput:
             os.remove(self.tmp)
 
 
-def kept_record(tokenizer, ids, score, origin):
-    return {"text": tokenizer.decode(ids), "input_ids": ids, "score": score, **origin}
+def kept_record(text, ids, score, origin):
+    return {"text": text, "input_ids": ids, "score": score, **origin}
 
 
 def run_filter(args, launch=None):
     """Filter the input of ``args`` (the parsed command line) with the learner of ``args.output_dir``: returns
     {"contexts", "kept", "tokens", "seconds", ...}. Only the main process writes."""
-    import time
-
     launch = launch or Launch()
     if args.threshold is not None and args.top_fraction is not None:
         raise IGFError("give --threshold or --top_fraction, not both")
@@ -290,7 +289,7 @@ def run_filter(args, launch=None):
                     rows = torch.nonzero(z >= threshold).flatten().tolist()
                     kept_ids = contexts[rows].tolist()
                     for row, ids, text in zip(rows, kept_ids, tokenizer.batch_decode(kept_ids) if rows else []):
-                        kept_out.write({"text": text, "input_ids": ids, "score": z[row].item(), **origins[row]})
+                        kept_out.write(kept_record(text, ids, z[row].item(), origins[row]))
                     kept += len(rows)
                 n += len(z)
                 bar.update(len(z))
@@ -308,7 +307,8 @@ def run_filter(args, launch=None):
                 for i, line in enumerate(fh):
                     if keep[i]:
                         r = json.loads(line)
-                        kept_out.write(kept_record(tokenizer, r.pop("input_ids"), r.pop("score"), r))
+                        ids = r.pop("input_ids")
+                        kept_out.write(kept_record(tokenizer.decode(ids), ids, r.pop("score"), r))
             kept = k
             os.remove(everything.tmp)
             outputs.remove(everything)

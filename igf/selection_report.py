@@ -19,9 +19,9 @@ the pool (the lift). The ingredients are recorded while a run's batches are plan
 ``contexts.json`` (``contexts_summary``), so ``--plot_only`` redraws the report without a model.
 """
 
-import math
-
 import numpy as np
+
+from .statistics import summarize
 
 KL_PRIOR_TOKENS = 1000  # Dirichlet prior strength (pseudo-tokens) of the kept unigram distribution
 MIN_POOL_SHARE = 0.005  # sources below this share of the pool are left out of the favoured / avoided lists
@@ -113,11 +113,9 @@ def overlap(kept_rows, reference_rows):
 
 
 def _mean_se(values):
+    """Mean, SE and n of the values that are known (None when none is)."""
     v = [x for x in values if x is not None]
-    if not v:
-        return None
-    se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    return {"mean": float(np.mean(v)), "se": se, "n": len(v)}
+    return {key: summarize(v)[key] for key in ("mean", "se", "n")} if v else None
 
 
 def _shares(counts, names):
