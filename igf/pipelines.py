@@ -47,6 +47,8 @@ class Pipeline:
     learner_fp: str | None = None  # hash of the learner's trained weights (in every run fingerprint)
     scale: tuple | None = None  # (mean, std) of the learner's predicted IG over the pool
     metrics: dict | None = None  # the learner's metrics (secondary_learner.json)
+    labelled: bool = False  # this invocation computed IG labels (not only loaded them): see the driver's timings
+    trained: bool = False  # ... and trained the learner
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -113,6 +115,7 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
             validation_pairs=f"{len(done['validation'])} saved, {ig.num_validation_pairs} wanted (exact)",
             step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(pipe.objective)} contexts")
     incomplete = any(len(done[k]) < wanted[k] for k in wanted) or not (saved or {}).get("complete")
+    pipe.labelled = incomplete
     ppl_before = perplexity(model, pipe.objective, ig.ig_eval_batch_size, device) if incomplete else \
         saved["ppl_before"]
     if saved is not None and not math.isclose(saved["ppl_before"], ppl_before, rel_tol=1e-9):
@@ -233,6 +236,7 @@ def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
     metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
                             ln.learner_learning_rate, ln.learner_batch_size, g, weight_decay=ln.learner_weight_decay)
     metrics.update(exact_validation_metrics(learner, pairs))
+    pipe.trained = True
     pipe.scale = score_scale(predict(learner, sets.train))  # the pool's z scale of predicted IG
     artifacts.write_json(pipe.path(artifacts.LEARNER_METRICS), metrics)
     artifacts.write_torch(path, {

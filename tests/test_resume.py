@@ -1,5 +1,6 @@
 """Resume without loss: a SIGKILLed IG collection, rerun, ends byte-identical to an uninterrupted one; a deleted
-fine-tuning run is the only one recomputed, and the results do not change."""
+fine-tuning run is the only one recomputed, and the results do not change; a resume with nothing to do keeps the
+timings of the run that did the work."""
 import json
 import os
 import signal
@@ -89,7 +90,9 @@ def test_deleted_run_is_the_only_one_recomputed(tiny_model, text_files, tmp_path
     assert len(runs) == 6  # 3 methods x 2 runs
     contents = {p.name: read_bytes(p) for p in runs}
     mtimes = {p.name: p.stat().st_mtime_ns for p in runs}
-    results = read_bytes(out / "results.json")
+    results, timings = read_bytes(out / "results.json"), read_bytes(out / "timings.json")
+    assert run_clm_igf.main(argv) == 0  # nothing to do: every artifact is reused
+    assert read_bytes(out / "timings.json") == timings and read_bytes(out / "results.json") == results
     victim = out / "runs" / "igf_shifting_run000.json"
     os.remove(victim)
 
@@ -100,5 +103,6 @@ def test_deleted_run_is_the_only_one_recomputed(tiny_model, text_files, tmp_path
             assert p.stat().st_mtime_ns == mtimes[p.name], f"{p.name} was rewritten"
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(contents)
     assert read_bytes(out / "results.json") == results
+    assert read_bytes(out / "timings.json") != timings  # this invocation trained a run: its own timings
     log = open(tmp_path / "rerun.log").read()
     assert "[igf_shifting run 0]" in log and "[standard run" not in log and "[igf_constant run" not in log
