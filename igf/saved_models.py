@@ -89,7 +89,7 @@ def model_card(record, cfg, learner_metrics):
         f"- **test perplexity** (held-out test contexts of the run): {record['test_ppl'][0]:.3f} before, "
         f"{record['test_ppl'][-1]:.3f} after fine-tuning",
         "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'folder = "{os.path.join(cfg.run.output_dir, "models", method)}"',
+        f'folder = "{model_dir(cfg.run.output_dir, method)}"',
         "model = AutoModelForCausalLM.from_pretrained(folder)", "tokenizer = AutoTokenizer.from_pretrained(folder)",
         "```", ""]
     return "\n".join(header + [""] + lines)

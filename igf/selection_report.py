@@ -115,7 +115,10 @@ def overlap(kept_rows, reference_rows):
 def _mean_se(values):
     """Mean, SE and n of the values that are known (None when none is)."""
     v = [x for x in values if x is not None]
-    return {key: summarize(v)[key] for key in ("mean", "se", "n")} if v else None
+    if not v:
+        return None
+    s = summarize(v)
+    return {key: s[key] for key in ("mean", "se", "n")}
 
 
 def _shares(counts, names):
