@@ -1,6 +1,6 @@
 # make setup  - virtual environment in .venv, pinned requirements, and the offline assets in $IGF_CACHE_DIR (~/.cache/igf)
 # make run    - setup, then the offline default experiment (extra flags: make run ARGS="--num_runs 5")
-# make study  - setup, then the committed study (IGF, standard, random, dsir, source_matched on 3 pipelines; resumable)
+# make study  - setup, then the study at the paper's label budget (IGF, standard, dsir on 5 pipelines; resumable)
 # make test   - the test suite (tiny random models; the real-model checks need the assets, which setup builds)
 # make lint   - ruff, configured in pyproject.toml
 # make lock   - move every pin to the newest release (rewrites requirements.txt and constraints.txt)

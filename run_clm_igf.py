@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from igf import artifacts, assets, saved_models
 from igf.allocator import use_allocator
 from igf.artifacts import files_sha, sha, tokenizer_sha, weights_sha
-from igf.config import Config, parse_args, stage_seed
+from igf.config import Config, parse_args, run_seed, stage_seed
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits
 from igf.distributed import Launch, OutputLock, resolve_device
 from igf.errors import IGFError
 from igf.finetune import cpu_bf16_warning, finetune_run
 from igf.information_gain import WeightSnapshot, context_losses, perplexity
-from igf.pipelines import load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
+from igf.pipelines import check_learners, load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
 from igf.plot import plot_results, plot_selection
 from igf.selection import (
     CONTROLS,
@@ -103,15 +103,17 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
         inputs[pipe.index], about[pipe.index] = selection_inputs(
             ft, cfg.ig, sets.train, pipe.learner, pipe.pairs, objective=pipe.objective,
             objective_id=sha(pipe.objective), scale=pipe.scale, sources=pool_sources,
-            num_sources=len(sets.source_names))
+            num_sources=len(sets.source_names), validation=sets.validation, validation_id=sha(sets.validation))
     # run-major order, so an interrupted invocation leaves every method with about as many finished runs;
-    # standard does not depend on the pipeline, so it runs once per run index
+    # with --pipeline_streams shared, standard does not depend on the pipeline, so it runs once per run index
+    shared = cfg.run.pipeline_streams == "shared"
     todo = []
     for run, method in [(r, m) for r in range(ft.num_runs) for m in ft.methods]:
-        for pipe in pipelines[:1] if method == "standard" else pipelines:
+        for pipe in pipelines[:1] if method == "standard" and shared else pipelines:
             path = artifacts.run_path(out, method, pipe.index, run)
             selection = selection_fingerprint(ft, method, pipe.learner_fp, about[pipe.index])
-            fingerprint = {**common, "method": method, "selection": selection}
+            # the run's candidate stream by its seed: a pipeline's runs under shared streams are not its own runs
+            fingerprint = {**common, "method": method, "selection": selection, "stream": run_seed(cfg, pipe.index, run)}
             model_dir = saved_models.model_dir(out, method)
             if os.path.exists(path):
                 artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
@@ -131,7 +133,7 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
     # 4a) every pending run's batches, chosen at the pretrained float32 weights before any training
     plans = {}
     for run, pipe, method, _, _ in tqdm(todo, desc="selecting batches", disable=not todo):
-        seed = stage_seed(cfg.run.seed, "finetune") + run
+        seed = run_seed(cfg, pipe.index, run)
         stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
         plans[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed), stream,
                                                         ft.batch_size, ft.max_steps)
@@ -156,9 +158,9 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
             snapshot.restore()
             plan = plans[run, pipe.index, method]
             record = finetune_run(model, sets.train, sets.test, plan, method=method, run=run,
-                                  seed=stage_seed(cfg.run.seed, "finetune") + run, ppl_start=ppl_start, cfg=ft,
+                                  seed=run_seed(cfg, pipe.index, run), ppl_start=ppl_start, cfg=ft,
                                   device=device, autocast=autocast, progress=progress)
-            record.update(pipeline=None if method == "standard" else pipe.index,
+            record.update(pipeline=None if method == "standard" and shared else pipe.index,
                           **kept_facts(plan.batches, sets.train, pool_sources, losses, samples[run, pipe.index,
                                                                                                    method]))
             record = {**record, "fingerprint": fingerprint}
@@ -180,7 +182,8 @@ def run_statistics_and_plot(cfg, contexts=None):
     """Statistics, tables, the figure and the selection report, from the saved runs alone (and ``contexts``,
     the comparison sets of contexts.json, else read from the output folder)."""
     ft, out = cfg.finetune, cfg.run.output_dir
-    records = artifacts.load_runs(out, ft.methods, ft.num_runs, cfg.run.num_pipelines)
+    records = artifacts.load_runs(out, ft.methods, ft.num_runs, cfg.run.num_pipelines,
+                                  shared_baseline=cfg.run.pipeline_streams == "shared")
     learners = []
     for p in range(cfg.run.num_pipelines):
         path = os.path.join(artifacts.pipeline_dir(out, p), artifacts.LEARNER_METRICS)
@@ -272,6 +275,8 @@ def run_stages(cfg: Config, launch):
                 if not launch.is_main:
                     run_learner(cfg, pipe, model, sets, ids, train_it=False, write=False)
                 timings["learner"] = timings.get("learner", 0.0) + time.perf_counter() - t
+        if needs_learner and "finetune" in stages:
+            check_learners(cfg, pipelines)  # the gate: no fine-tuning with a learner that ranks no better than chance
         if "finetune" in stages:
             # 4) fine-tune: every method on the same seeds, optimizer and candidate streams (runs dealt out)
             t = time.perf_counter()

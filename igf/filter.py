@@ -5,6 +5,12 @@ informative for the objective set, without retraining.
     python -m igf.filter OUTPUT_DIR --input docs.jsonl --text_field body --top_fraction 0.1 --output top10.jsonl
     python -m igf.filter OUTPUT_DIR --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \\
         --split train --output kept.jsonl --scores all_scores.jsonl
+    python -m igf.filter OUTPUT_DIR/learner --input corpus/ --output kept.jsonl          # a shared learner folder
+
+The learner: OUTPUT_DIR's (its ``learner/`` folder when that was written for the learner file, else the learner
+file on its LM), or a learner folder (igf/learner.py: no LM loaded). It is loaded through ``igf.Learner``, the
+object users call from Python; its held-out quality is printed, and a learner no better than chance (the driver's
+gate) is refused unless ``--allow_weak_learner``.
 
 Input: a text file, a folder of text files (sorted by path), a JSONL file (``--text_field``), or a hub dataset
 (``--dataset_name``, ``--split``, streamed). Contexts are cut exactly as training cuts them: each line (or JSONL
@@ -20,8 +26,11 @@ two passes over the scores: every context is first written to a temporary file b
 
 Output: JSON lines with the context's text, token ids, score and origin (file and 1-based line of its first token,
 or dataset row), readable with ``datasets.load_dataset("json", data_files=...)``; ``--scores`` also writes every
-context's score and origin. Outputs are written to temporary files beside them and renamed when complete, so an
-interrupted run leaves no half-written output (rerun the command to start again). Memory does not grow with the
+context's score and origin. ``text`` is the decoded window (a window cut inside a multi-byte character decodes to
+U+FFFD there); ``input_ids`` are exact. Outputs that would overwrite the input (or each other) or lie inside the
+input folder are refused before any work. Outputs are written to temporary files beside them (with the umask's
+permissions), fsynced and renamed all or none when complete, so an interrupted or failed run leaves no
+half-written output and keeps the previous ones (rerun the command to start again). Memory does not grow with the
 corpus (``--top_fraction`` keeps 4 bytes per context for its second pass).
 
 Under ``accelerate launch`` the input's rows are dealt out in chunks (chunk i of every round to process i, which
@@ -31,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,10 +50,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts, assets
+from .config import same_path, within
 from .data import read_lines, text_files
 from .distributed import Launch
 from .errors import IGFError
-from .secondary_learner import load_saved_learner
+from .secondary_learner import gate_refusal, load_saved_learner
 
 ROWS_PER_CHUNK = 8192  # default --rows_per_chunk: rows tokenized in one call (dealt to one process under a launch)
 SCORE_BATCH = 4096  # contexts scored at once
@@ -52,8 +63,22 @@ SCORE_BATCH = 4096  # contexts scored at once
 # ----------------------------------------------------------------------------- the learner
 
 def load_learner(output_dir, pipeline=0, model_name_or_path=None, cache_dir=None, context_len=None):
-    """(learner, token tables, tokenizer, info) of the learner trained in ``output_dir``, on the LM it was built on
-    (or ``model_name_or_path``, refused unless it has the same weights, tokenizer and context length)."""
+    """The ``Learner`` (igf/learner.py) of a learner folder, or of the run in the output folder ``output_dir``:
+    there its learner folder (``<pipeline folder>/learner``) when that was written for this learner file, else the
+    learner file on the LM it was built on (or ``model_name_or_path``, refused unless it has the same weights,
+    tokenizer and context length). Either way, refused unless its context length is ``context_len`` (if given)."""
+    from .learner import Learner, is_fresh, is_learner_folder, trained_sha  # igf.learner imports this module
+
+    start = time.perf_counter()
+    if is_learner_folder(output_dir):
+        if model_name_or_path:
+            raise IGFError(f"{output_dir} is a learner folder: it carries its own embeddings and tokenizer, so "
+                           "--model_name_or_path (for an output folder) does not apply")
+        learner = Learner.from_pretrained(output_dir)
+        if context_len is not None and context_len != learner.context_len:
+            raise IGFError(f"the learner in {output_dir} was built on contexts of {learner.context_len} tokens, "
+                           f"not --context_len {context_len}")
+        return learner
     path = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER)
     if not os.path.exists(path):
         raise IGFError(f"{path} not found: train a learner first (python run_clm_igf.py --output_dir {output_dir} "
@@ -68,6 +93,10 @@ def load_learner(output_dir, pipeline=0, model_name_or_path=None, cache_dir=None
     if context_len is not None and context_len != built_on["context_len"]:
         raise IGFError(f"the learner in {path} was built on contexts of {built_on['context_len']} tokens, not "
                        f"--context_len {context_len}")
+    folder = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER_FOLDER)
+    if model_name_or_path is None and is_fresh(folder, {"fingerprint": artifacts.sha(saved.get("fingerprint")),
+                                                        "trained_weights": trained_sha(saved["state"])}):
+        return Learner.from_pretrained(folder)  # the same weights, without loading the LM
     name = model_name_or_path or built_on["model"]["model"]
     model, tokenizer = assets.load_pretrained(assets.resolve_model_path(name, cache_dir), torch.float32)
     weights = artifacts.weights_sha(model)
@@ -76,12 +105,13 @@ def load_learner(output_dir, pipeline=0, model_name_or_path=None, cache_dir=None
                        f"{built_on['model']['weights']}), not on {name!r} (weights {weights}); use its LM")
     if artifacts.tokenizer_sha(tokenizer) != built_on["tokenizer"]:
         raise IGFError(f"the learner in {path} was built with another tokenizer than {name!r}'s")
-    learner = load_saved_learner(path, saved, model.get_input_embeddings().weight)
-    del model  # the learner holds its own copy of the input embeddings
-    learner.eval()
-    info = {"learner": path, "model": name, "context_len": built_on["context_len"], "mean": saved["scale"]["mean"],
-            "std": saved["scale"]["std"]}
-    return learner, learner.token_tables(), tokenizer, info
+    model = load_saved_learner(path, saved, model.get_input_embeddings().weight)  # its own copy: the LM goes
+    config = {"context_len": built_on["context_len"], "scale": saved["scale"], "metrics": saved.get("metrics"),
+              "built_on": {"model": name, "weights": weights, "tokenizer": built_on["tokenizer"]}}
+    learner = Learner(model, tokenizer, config, source=path)
+    learner.tables  # noqa: B018 (built now, as Learner.from_pretrained does)
+    learner.load_seconds = time.perf_counter() - start
+    return learner
 
 
 def z_scores(learner, tables, contexts, mean, std):
@@ -209,8 +239,24 @@ def windows(tokenized, context_len):
 
 # ----------------------------------------------------------------------------- writing
 
+def check_outputs(args):
+    """Refuse, before any work, an output that would replace the input or another output, or that lies inside
+    the input folder (the next run would read it as input)."""
+    outputs = [(flag, path) for flag, path in (("--output", args.output), ("--scores", args.scores),
+                                               ("--summary", args.summary)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        for other_flag, other in outputs[:i]:
+            if same_path(path, other):
+                raise IGFError(f"{flag} {path} is the same file as {other_flag} {other}; give two paths")
+        if args.input and os.path.isdir(args.input) and within(path, args.input):
+            raise IGFError(f"{flag} {path} lies inside the --input folder {args.input} (the next run would read "
+                           "it as input); write it elsewhere")
+        if args.input and same_path(path, args.input):
+            raise IGFError(f"{flag} {path} is the --input file; write it elsewhere")
+
+
 class AtomicOutput:
-    """A JSONL file written to a temporary name beside ``path`` and renamed into place by ``commit``."""
+    """A JSONL file written to a temporary file beside ``path``; ``commit`` puts a set of them in place."""
 
     def __init__(self, path):
         self.path = path
@@ -221,19 +267,84 @@ class AtomicOutput:
         except OSError as e:
             raise IGFError(f"cannot write {path} ({e.strerror})") from None
         self.fh = os.fdopen(fd, "w", encoding="utf-8")
+        umask = os.umask(0)  # read the umask (only os.umask tells it) and put it back
+        os.umask(umask)
+        try:
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes the file private; an output gets the usual permissions
+        except OSError as e:
+            self.discard()
+            raise self.error(e) from None
+
+    def error(self, e):
+        return IGFError(f"cannot write {self.path} ({e.strerror})")
 
     def write(self, record):
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as e:  # a full disk
+            raise self.error(e) from None
 
-    def commit(self):
-        self.fh.close()
-        os.chmod(self.tmp, 0o644)  # mkstemp makes the file private
-        os.replace(self.tmp, self.path)
+    def close(self, sync=False):
+        """Flush the data to the file (with ``sync``, to the disk) and close it."""
+        try:
+            self.fh.flush()
+            if sync:
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+        except OSError as e:
+            raise self.error(e) from None
 
     def discard(self):
-        self.fh.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        try:
+            self.fh.close()
+        except OSError:  # the flush of a file being thrown away failed: nothing to keep
+            pass
+        _remove(self.tmp)
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def commit(outputs):
+    """Put every output in place or none: every write and fsync (what a full disk fails) comes before the first
+    rename, and each rename but the last keeps a hard link to the file it replaces, so that a later failure can
+    put the user's file back. What remains: a kill -9 or power loss between the renames (microseconds) leaves the
+    earlier outputs new, the later ones old, and a hidden ``.<name>.*.tmp.old`` copy of a replaced file beside
+    it; the renames reach the disk when the folder's metadata does (the folder is not fsynced)."""
+    for out in outputs:
+        out.close(sync=True)
+    backups, done, out = {}, [], None  # {path: hard link to the file it had}, paths renamed so far
+    try:
+        for out in outputs:
+            if out is not outputs[-1] and os.path.lexists(out.path):
+                backups[out.path] = out.tmp + ".old"
+                try:
+                    os.link(out.path, backups[out.path], follow_symlinks=False)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(out.path, backups[out.path], follow_symlinks=False)
+            os.replace(out.tmp, out.path)
+            done.append(out.path)
+    except BaseException as e:  # an interruption is undone as well; only an OSError is the user's to fix
+        try:
+            for path in reversed(done):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    os.remove(path)
+        except OSError:
+            raise IGFError(f"cannot write {out.path} ({getattr(e, 'strerror', e)}) nor put back the files it "
+                           f"replaced: they are kept as {', '.join(backups.values())}") from None
+        for path in backups.values():
+            _remove(path)
+        if isinstance(e, OSError):
+            raise out.error(e) from None
+        raise
+    for path in backups.values():
+        _remove(path)
 
 
 def kept_record(text, ids, score, origin):
@@ -244,14 +355,22 @@ def run_filter(args, launch=None):
     """Filter the input of ``args`` (the parsed command line) with the learner of ``args.output_dir``: returns
     {"contexts", "kept", "tokens", "seconds", ...}. Only the main process writes."""
     launch = launch or Launch()
+    check_outputs(args)
     if args.threshold is not None and args.top_fraction is not None:
         raise IGFError("give --threshold or --top_fraction, not both")
     threshold = 0.0 if args.threshold is None else args.threshold
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
         raise IGFError(f"--top_fraction must lie in (0, 1], got {args.top_fraction}")
-    learner, tables, tokenizer, info = load_learner(args.output_dir, args.pipeline, args.model_name_or_path,
-                                                    args.cache_dir, args.context_len)
-    context_len, rows = info["context_len"], input_rows(args)
+    learner = load_learner(args.output_dir, args.pipeline, args.model_name_or_path, args.cache_dir,
+                           args.context_len)
+    # the gate of the driver (igf/pipelines.py check_learners), at the filter's boundary
+    refusal = gate_refusal(learner.metrics, f"the secondary learner of {learner.source}")
+    if refusal and not args.allow_weak_learner:
+        raise IGFError(refusal)
+    if launch.is_main:
+        print(f"learner: {learner.source} ({learner.describe()}); loaded in {learner.load_seconds:.1f} s"
+              + (f"\n  warning (--allow_weak_learner): {refusal}" if refusal else ""), flush=True)
+    tokenizer, context_len, rows = learner.tokenizer, learner.context_len, input_rows(args)
     main, outputs, error = launch.is_main, [], None
     if main:  # an unwritable output fails before any work, on every process
         try:
@@ -276,8 +395,7 @@ def run_filter(args, launch=None):
             return None
         with tqdm(desc="filtering", unit=" contexts", unit_scale=True) as bar:
             for contexts, origins in windows(tokenized, context_len):
-                z = torch.cat([z_scores(learner, tables, c, info["mean"], info["std"])
-                               for c in contexts.split(SCORE_BATCH)])
+                z = learner.z_scores(contexts)
                 if scores_out:
                     for i, (zi, origin) in enumerate(zip(z.tolist(), origins)):
                         scores_out.write({"index": n + i, "score": zi, **origin})
@@ -298,7 +416,7 @@ def run_filter(args, launch=None):
             where = args.input or f"{args.dataset_name} ({args.split})"
             raise IGFError(f"{where} has no context of {context_len} tokens (an empty corpus?)")
         if everything:  # second pass: exactly ceil(F n) contexts, the highest scores, ties to the earlier
-            everything.fh.close()
+            everything.close()
             scores = np.concatenate(scores)
             k = math.ceil(args.top_fraction * n - 1e-9)
             keep = np.zeros(n, dtype=bool)
@@ -310,10 +428,9 @@ def run_filter(args, launch=None):
                         ids = r.pop("input_ids")
                         kept_out.write(kept_record(tokenizer.decode(ids), ids, r.pop("score"), r))
             kept = k
-            os.remove(everything.tmp)
+            everything.discard()
             outputs.remove(everything)
-        for out in outputs:
-            out.commit()
+        commit(outputs)
         outputs = []
     finally:
         for out in outputs:  # an error or an interruption: no half-written output
@@ -321,9 +438,12 @@ def run_filter(args, launch=None):
     seconds = time.perf_counter() - start
     summary = {"contexts": n, "kept": kept, "tokens": n * context_len, "seconds": seconds,
                "tokens_per_second": n * context_len / seconds, "contexts_per_second": n / seconds,
-               "learner": info["learner"], "context_len": context_len}
+               "learner": learner.source, "load_seconds": learner.load_seconds, "context_len": context_len}
     if args.summary:
-        artifacts.write_json(args.summary, summary)
+        try:
+            artifacts.write_json(args.summary, summary)
+        except OSError as e:
+            raise IGFError(f"cannot write {args.summary} ({e.strerror})") from None
     print(f"kept {kept:,} of {n:,} contexts ({kept / n:.1%}) of {context_len} tokens in {seconds:.1f} s "
           f"({summary['tokens_per_second']:,.0f} tokens/s); wrote {args.output}"
           + (f" and {args.scores}" if args.scores else ""), flush=True)
@@ -334,9 +454,10 @@ def build_parser():
     from .config import ArgumentParser
 
     p = ArgumentParser(prog="python -m igf.filter", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Keep the contexts of new text that the secondary learner trained in OUTPUT_DIR "
+                       description="Keep the contexts of new text that the secondary learner of OUTPUT_DIR "
                                    "predicts to be informative (IGF's filter, without retraining); writes JSONL.")
-    p.add_argument("output_dir", help="a run_clm_igf.py output folder with a trained secondary learner")
+    p.add_argument("output_dir", help="a run_clm_igf.py output folder with a trained secondary learner, or a "
+                   "learner folder (<output_dir>/learner, Learner.save_pretrained): no LM is loaded for it")
     p.add_argument("--input", help="a text file, a folder of text files, or a JSONL file (.jsonl)")
     p.add_argument("--text_field", default="text", help="the text field of a JSONL record or hub dataset row")
     p.add_argument("--dataset_name", help="a hub dataset instead of --input (streamed)")
@@ -356,6 +477,9 @@ def build_parser():
     p.add_argument("--cache_dir", help="where embedded assets are (default: $IGF_CACHE_DIR, else ~/.cache/igf)")
     p.add_argument("--rows_per_chunk", type=int, default=ROWS_PER_CHUNK, help="rows (lines, records) tokenized at "
                    "once; under accelerate launch each process tokenizes every n-th chunk")
+    p.add_argument("--allow_weak_learner", action=argparse.BooleanOptionalAction, default=False,
+                   help="filter with a learner whose held-out Spearman is not above zero (95%% CI lower bound <= 0) "
+                   "or was never measured (printed as a warning); without it the filter refuses such a learner")
     return p
 
 

@@ -8,7 +8,8 @@ the output folder itself; pipeline p >= 1 lives in ``<output_dir>/pipelines/<p>/
 
 ``run_ig_pairs`` labels (or resumes, or reuses) a pipeline's IG pairs; ``run_learner`` trains (or reuses) its
 learner and records in the learner file what it was built on, so the filter (igf/filter.py) can apply it to new
-text and refuse text cut for another LM.
+text and refuse text cut for another LM; it also writes ``<pipeline folder>/learner/``, the learner as a folder
+anyone can load with ``igf.Learner.from_pretrained`` (igf/learner.py), when that is missing or stale.
 """
 import math
 import os
@@ -23,9 +24,14 @@ from .config import Config, stage_seed
 from .errors import IGFError
 from .estimators import collect_ig_pairs, ig_statistics, make_estimator
 from .information_gain import perplexity, zscore
+from .learner import save_learner_folder
 from .secondary_learner import (
     SecondaryLearner,
+    build_learner,
+    describe_quality,
     exact_validation_metrics,
+    gate_refusal,
+    heldout_metrics,
     load_saved_learner,
     predict,
     token_feature_table,
@@ -86,32 +92,44 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
     """Label (or resume, or reuse) the pipeline's IG pairs; returns the saved record with z-scores and statistics.
 
     ``pairs``: --num_ig_pairs training contexts labelled by --ig_estimator (the learner trains on them).
+    ``heldout``: --num_heldout_pairs other training contexts labelled by --ig_estimator, never trained on: enough
+    of them to score the learner with a tight confidence interval (the gate reads it).
     ``validation``: --num_validation_pairs other training contexts labelled with exact IG (and, for comparison,
     by the estimator): never trained on, they score the learner and the estimator against the real thing.
     """
     ig, path = cfg.ig, pipe.path(artifacts.IG_PAIRS)
     fingerprint = ig_fingerprint(cfg, pipe, sets, ids)
     saved = artifacts.read_json(path) if os.path.exists(path) else None
-    wanted = {"pairs": ig.num_ig_pairs, "validation": ig.num_validation_pairs}
+    wanted = {"pairs": ig.num_ig_pairs, "validation": ig.num_validation_pairs, "heldout": ig.num_heldout_pairs}
     if saved is not None:
         artifacts.check_fingerprint(path, saved, fingerprint)
-        for key, flag in (("pairs", "num_ig_pairs"), ("validation", "num_validation_pairs")):
+        for key, flag in (("pairs", "num_ig_pairs"), ("validation", "num_validation_pairs"),
+                          ("heldout", "num_heldout_pairs")):
             if len(saved.get(key, [])) > wanted[key]:  # keeping a prefix would overwrite (lose) the rest
                 raise IGFError(f"{path} holds {len(saved[key])} {key} pairs, more than --{flag} {wanted[key]}; "
                                f"pass --{flag} {len(saved[key])} to reuse them, or --overwrite_output_dir / "
                                "another --output_dir to start over")
-    if ig.num_ig_pairs + ig.num_validation_pairs > len(sets.train):
-        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} + --num_validation_pairs {ig.num_validation_pairs} exceed "
-                       f"the {len(sets.train)} training contexts")
+    if sum(wanted.values()) > len(sets.train):
+        raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} + --num_validation_pairs {ig.num_validation_pairs} + "
+                       f"--num_heldout_pairs {ig.num_heldout_pairs} exceed the {len(sets.train)} training contexts")
     g = torch.Generator().manual_seed(stage_seed(cfg.run.seed, "ig_pairs", pipe.index))
     order = torch.randperm(len(sets.train), generator=g)
-    # labels from the front of one permutation, validation from its back: both prefix-stable, never overlapping
-    indices = {"pairs": order[: ig.num_ig_pairs], "validation": order.flip(0)[: ig.num_validation_pairs]}
+    # labels from the front of one permutation, validation from its back, then the held-out labels: prefix-stable
+    # (a larger --num_ig_pairs extends the labels), never overlapping
+    back = order.flip(0)
+    indices = {"pairs": order[: ig.num_ig_pairs], "validation": back[: ig.num_validation_pairs],
+               "heldout": back[ig.num_validation_pairs: ig.num_validation_pairs + ig.num_heldout_pairs]}
     # raw pairs only: z-scores are recomputed over the full set when it is complete
     done = {key: [{k: v for k, v in p.items() if k != "ig_z"} for p in (saved or {}).get(key, [])]
             for key in wanted}
+    # held-out labels sit behind the validation pairs: another --num_validation_pairs moves them (cheap to redo)
+    if [p["context_index"] for p in done["heldout"]] != indices["heldout"][: len(done["heldout"])].tolist():
+        print("  the held-out labels were measured on other contexts (another --num_validation_pairs); "
+              "measuring them again", flush=True)
+        done["heldout"] = []
     section("2) information gain" + _tag(pipe, cfg),
             pairs=f"{len(done['pairs'])} saved, {ig.num_ig_pairs} wanted ({ig.ig_estimator})",
+            heldout_pairs=f"{len(done['heldout'])} saved, {ig.num_heldout_pairs} wanted ({ig.ig_estimator})",
             validation_pairs=f"{len(done['validation'])} saved, {ig.num_validation_pairs} wanted (exact)",
             step=f"{ig.ig_optimizer}, lr {ig.ig_learning_rate}", objective_set=f"{len(pipe.objective)} contexts")
     incomplete = any(len(done[k]) < wanted[k] for k in wanted) or not (saved or {}).get("complete")
@@ -146,6 +164,9 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
     checkpoint = dict(on_checkpoint=lambda _: write(path, record()), save_every=ig.ig_save_every, launch=launch)
     if len(done["pairs"]) < ig.num_ig_pairs:
         collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["pairs"], done["pairs"], **checkpoint)
+    if len(done["heldout"]) < ig.num_heldout_pairs:
+        collect_ig_pairs(estimate(ig.ig_estimator), sets.train, indices["heldout"], done["heldout"],
+                         desc="held-out IG pairs", **checkpoint)
     if incomplete and ig.num_validation_pairs:
         if len(done["validation"]) < ig.num_validation_pairs:
             collect_ig_pairs(estimate("exact"), sets.train, indices["validation"], done["validation"],
@@ -180,10 +201,12 @@ def load_ig_pairs(cfg, pipe, sets, ids):
         raise IGFError(f"{path} not found: run the ig_pairs stage first")
     saved = artifacts.read_json(path)
     artifacts.check_fingerprint(path, saved, ig_fingerprint(cfg, pipe, sets, ids))
-    n, n_val = len(saved.get("pairs", [])), len(saved.get("validation", []))
-    if not saved.get("complete") or n != cfg.ig.num_ig_pairs or n_val != cfg.ig.num_validation_pairs:
-        raise IGFError(f"{path} is incomplete or holds {n} pairs and {n_val} validation pairs, not --num_ig_pairs "
-                       f"{cfg.ig.num_ig_pairs} and --num_validation_pairs {cfg.ig.num_validation_pairs}: rerun "
+    n, n_val, n_held = (len(saved.get(k, [])) for k in ("pairs", "validation", "heldout"))
+    if not saved.get("complete") or (n, n_val, n_held) != (cfg.ig.num_ig_pairs, cfg.ig.num_validation_pairs,
+                                                           cfg.ig.num_heldout_pairs):
+        raise IGFError(f"{path} is incomplete or holds {n} pairs, {n_val} validation and {n_held} held-out pairs, "
+                       f"not --num_ig_pairs {cfg.ig.num_ig_pairs}, --num_validation_pairs "
+                       f"{cfg.ig.num_validation_pairs} and --num_heldout_pairs {cfg.ig.num_heldout_pairs}: rerun "
                        "with the ig_pairs stage")
     pipe.pairs = saved
     return saved
@@ -201,14 +224,15 @@ def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
     Sets ``pipe.learner``, ``pipe.learner_fp``, ``pipe.scale`` and ``pipe.metrics``."""
     ln, pairs = cfg.learner, pipe.pairs
     path = pipe.path(artifacts.LEARNER)
-    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in pairs["pairs"] + pairs.get("validation", [])]),
+    scored_on = pairs["pairs"] + pairs.get("validation", []) + pairs.get("heldout", [])
+    fingerprint = {**ids, "pairs": sha([[p["tokens"], p["ig"]] for p in scored_on]),
                    "learner": vars(ln), "seed": cfg.run.seed, "pipeline": pipe.index}
     embeddings = model.get_input_embeddings().weight
     # counted from the data (no LM pass): the pool's and the objective set's token frequencies
     features = token_feature_table(sets.train, pipe.objective, embeddings.shape[0]) \
         if ln.learner_token_features else None
     torch.manual_seed(stage_seed(cfg.run.seed, "learner", pipe.index))  # weight init and dropout
-    learner = SecondaryLearner(embeddings, token_features=features, **learner_arch(ln))
+    learner = build_learner(embeddings, features, ln.learner_ensemble, **learner_arch(ln))
     saved = artifacts.read_torch(path) if os.path.exists(path) else None
     if saved is None and not train_it:
         raise IGFError(f"{path} not found: run the learner stage first")
@@ -227,7 +251,10 @@ def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
             artifacts.write_json(pipe.path(artifacts.LEARNER_METRICS), saved["metrics"])
         scale = saved.get("scale")
         pipe.scale = (scale["mean"], scale["std"]) if scale else score_scale(predict(learner, sets.train))
-        return _finish(pipe, learner, saved["metrics"])
+        _finish(pipe, learner, saved["metrics"])
+        if write:  # the shareable folder, if it is missing or was written for another learner
+            save_learner_folder(cfg, pipe, sets, ids, fingerprint)
+        return learner
     tokens = torch.tensor([p["tokens"] for p in pairs["pairs"]])  # (N, T)
     z = torch.tensor([p["ig_z"] for p in pairs["pairs"]], dtype=torch.float32)  # (N,)
     section("3) secondary learner" + _tag(pipe, cfg), pairs=len(z), trainable_parameters=sum(
@@ -235,13 +262,14 @@ def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
     g = torch.Generator().manual_seed(stage_seed(cfg.run.seed, "learner", pipe.index))
     metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, ln.learner_epochs,
                             ln.learner_learning_rate, ln.learner_batch_size, g, weight_decay=ln.learner_weight_decay)
-    metrics.update(exact_validation_metrics(learner, pairs))
+    metrics.update(exact_validation_metrics(learner, pairs), **heldout_metrics(learner, pairs))
     pipe.trained = True
-    pipe.scale = score_scale(predict(learner, sets.train))  # the pool's z scale of predicted IG
+    pool = predict(learner, sets.train)  # (N_pool,) predicted IG of the training pool
+    pipe.scale = score_scale(pool)  # the pool's z scale of predicted IG
     artifacts.write_json(pipe.path(artifacts.LEARNER_METRICS), metrics)
     artifacts.write_torch(path, {
         "format": LEARNER_FORMAT, "fingerprint": fingerprint, "state": learner.trainable_state(),
-        "arch": learner_arch(ln), "metrics": metrics,
+        "arch": learner_arch(ln), "ensemble": ln.learner_ensemble, "metrics": metrics,
         # what it was built on: the filter refuses text cut for another LM, tokenizer or context length
         "built_on": {"model": ids["model"], "tokenizer": ids["tokenizer"], "context_len": cfg.data.context_len},
         "scale": {"mean": pipe.scale[0], "std": pipe.scale[1]},
@@ -253,7 +281,27 @@ def run_learner(cfg: Config, pipe, model, sets, ids, train_it, write=True):
         print(f"  held-out EXACT IG (n={metrics['n_exact']}): learner Pearson {r['exact_pearson']}, Spearman "
               f"{r['exact_spearman']}; the context's own pretrained loss alone: Spearman "
               f"{r['context_loss_spearman']}", flush=True)
-    return _finish(pipe, learner, metrics)
+    if metrics.get("n_heldout"):
+        members = metrics.get("heldout_spearman_per_member")
+        print(f"  quality: {describe_quality(metrics)}"
+              + (f"; members {', '.join(f'{v:.3f}' for v in members)}" if members else "")
+              + f"; the context's own pretrained loss alone: Spearman {metrics['heldout_context_loss_spearman']:.3f}",
+              flush=True)
+    _finish(pipe, learner, metrics)
+    if write:
+        save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool)  # <pipeline folder>/learner/, shareable
+    return learner
+
+
+def check_learners(cfg: Config, pipelines):
+    """The gate, before any fine-tuning: refuse (IGFError, exit 2) every pipeline whose learner does not rank
+    held-out IG better than chance, unless --allow_weak_learner."""
+    for pipe in pipelines:
+        refusal = gate_refusal(pipe.metrics, f"pipeline {pipe.index}'s secondary learner")
+        if refusal and not cfg.run.allow_weak_learner:
+            raise IGFError(refusal)
+        if refusal:
+            print(f"  warning (--allow_weak_learner): {refusal}", flush=True)
 
 
 def _finish(pipe, learner, metrics):

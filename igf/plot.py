@@ -19,13 +19,16 @@ import numpy as np  # noqa: E402
 LABELS = {"standard": "standard fine-tuning", "igf_constant": "IGF, constant threshold",
           "igf_shifting": "IGF, shifting threshold", "random": "random at IGF's acceptance",
           "ppl": "pretrained-perplexity filter", "oracle": "oracle (LM's own IG estimate)",
-          "dsir": "DSIR (n-gram importance)", "source_matched": "random with IGF's source mix"}
+          "dsir": "DSIR (n-gram importance)", "dsir_validation": "DSIR fit on all validation text",
+          "source_matched": "random with IGF's source mix"}
 SHORT = {"standard": "standard", "igf_constant": "IGF\nconstant", "igf_shifting": "IGF\nshifting",
          "random": "random", "ppl": "PPL\nfilter", "oracle": "oracle", "dsir": "DSIR",
+         "dsir_validation": "DSIR\nvalidation",
          "source_matched": "source\nmatched"}
 COLORS = {"standard": "tab:gray", "igf_constant": "tab:blue", "igf_shifting": "tab:orange", "random": "tab:green",
-          "ppl": "tab:purple", "oracle": "tab:red", "dsir": "tab:brown", "source_matched": "tab:cyan"}
-SPARE_COLORS = ["tab:pink", "tab:olive", "black", "gold"]  # methods not named above, in order
+          "ppl": "tab:purple", "oracle": "tab:red", "dsir": "tab:brown", "source_matched": "tab:cyan",
+          "dsir_validation": "tab:olive"}
+SPARE_COLORS = ["tab:pink", "black", "gold"]  # methods not named above, in order
 
 
 def _p_text(p):

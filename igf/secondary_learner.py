@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import IGFError
-from .statistics import correlations
+from .statistics import correlations, spearman_ci
 
 HEAD_BLOCK = 2048  # rows per matrix product in SecondaryLearner.scores (see there)
 POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
@@ -57,6 +57,19 @@ def token_feature_table(pool, objective, vocab_size):
 
 
 # ----------------------------------------------------------------------------- the network
+
+
+@torch.no_grad()
+def lookup(ids, tables, bias, k_size, pad):
+    """A Conv1d's pre-activations over token ids through its token tables (``SecondaryLearner.token_tables``):
+    (B, T) -> (B, L, C). Zero padding adds nothing, so a tap that falls outside the context is skipped."""
+    length = ids.shape[1] + 2 * pad - k_size + 1  # as Conv1d: T for an odd kernel
+    h = bias.expand(ids.shape[0], length, -1).clone()  # (B, L, C)
+    for k in range(k_size):  # output t sees input t + k - pad
+        lo, hi = max(0, pad - k), min(length, ids.shape[1] + pad - k)
+        if lo < hi:
+            h[:, lo:hi] += tables[k][ids[:, lo + k - pad: hi + k - pad]]
+    return h
 
 
 class SecondaryLearner(nn.Module):
@@ -102,15 +115,12 @@ class SecondaryLearner(nn.Module):
 
     @torch.no_grad()
     def scores(self, ids, tables):
-        """``forward`` at inference (eval mode) through ``token_tables``: (B, T) -> (B,). Zero padding adds
-        nothing, so a tap that falls outside the context is skipped."""
-        k_size, pad = self.conv.kernel_size[0], self.conv.padding[0]
-        length = ids.shape[1] + 2 * pad - k_size + 1  # as Conv1d: T for an odd kernel
-        h = self.conv.bias.expand(ids.shape[0], length, -1).clone()  # (B, L, C)
-        for k in range(k_size):  # output t sees input t + k - pad
-            lo, hi = max(0, pad - k), min(length, ids.shape[1] + pad - k)
-            if lo < hi:
-                h[:, lo:hi] += tables[k][ids[:, lo + k - pad: hi + k - pad]]
+        """``forward`` at inference (eval mode) through ``token_tables``: (B, T) -> (B,)."""
+        return self.head_scores(lookup(ids, tables, self.conv.bias, self.conv.kernel_size[0], self.conv.padding[0]))
+
+    @torch.no_grad()
+    def head_scores(self, h):
+        """ReLU, pooling and the head on the convolution's pre-activations (B, L, C) -> (B,)."""
         h = F.relu(h)
         h = h.amax(dim=1) if self.pooling == "max" else torch.cat([h.amax(dim=1), h.mean(dim=1)], dim=1)
         # the head's matrix products run on blocks of exactly HEAD_BLOCK rows (the last one zero-padded): a BLAS
@@ -130,6 +140,59 @@ class SecondaryLearner(nn.Module):
         return {k for k in self.state_dict() if k.startswith(FROZEN)}
 
 
+class LearnerEnsemble(nn.Module):
+    """M secondary learners on one frozen embedding table; the prediction is their mean.
+
+    Why: learners trained on the same labels with different seeds rank held-out labels about equally well, but
+    keep different contexts (kept pools only 62-69 % alike), so a single learner's pool is partly a draw of its
+    seed. The mean of M predictions averages that draw away. The members' convolutions are concatenated into one
+    table lookup (``token_tables``), so scoring costs one gather of width M * C per tap, not M gathers."""
+
+    def __init__(self, members):
+        super().__init__()
+        first = members[0]
+        for m in members[1:]:  # one copy of the frozen tables, shared (an embedding copy is ~113 MB)
+            m.embed, m.features = first.embed, first.features
+        self.members = nn.ModuleList(members)
+
+    @property
+    def embed(self):
+        return self.members[0].embed
+
+    @property
+    def features(self):
+        return self.members[0].features
+
+    def forward(self, ids):
+        return torch.stack([m(ids) for m in self.members]).mean(dim=0)
+
+    @torch.no_grad()
+    def token_tables(self):
+        return torch.cat([m.token_tables() for m in self.members], dim=2)  # (K, V, M * C)
+
+    @torch.no_grad()
+    def scores(self, ids, tables):
+        width, conv = tables.shape[2] // len(self.members), self.members[0].conv
+        # one lookup pass for every member (the bias of member m is its slice), then each member's own head
+        h = lookup(ids, tables, torch.cat([m.conv.bias for m in self.members]), conv.kernel_size[0], conv.padding[0])
+        return torch.stack([m.head_scores(h[..., i * width:(i + 1) * width])
+                            for i, m in enumerate(self.members)]).mean(dim=0)
+
+    def trainable_state(self):
+        return {f"members.{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.trainable_state().items()}
+
+    def frozen_keys(self):
+        return {k for k in self.state_dict() if k.split(".")[2] in ("embed", "features")}
+
+
+def build_learner(embeddings, token_features=None, ensemble=1, **arch):
+    """One SecondaryLearner (``ensemble`` 1), or a LearnerEnsemble of ``ensemble`` of them on shared tables."""
+    if ensemble == 1:
+        return SecondaryLearner(embeddings, token_features=token_features, **arch)
+    return LearnerEnsemble([SecondaryLearner(embeddings, token_features=token_features, **arch)
+                            for _ in range(ensemble)])
+
+
 def load_saved_learner(path, saved, embeddings, token_features=None):
     """The learner saved in ``path`` (its loaded contents ``saved``), on the LM input ``embeddings`` (V, D): its
     architecture and trained weights from the file; the token features from the file, else ``token_features``
@@ -137,8 +200,8 @@ def load_saved_learner(path, saved, embeddings, token_features=None):
     if not isinstance(saved, dict) or not {"state", "arch"} <= set(saved):
         raise IGFError(f"{path} is not a secondary learner file (no weights and architecture in it)")
     features = saved.get("token_features")
-    learner = SecondaryLearner(embeddings, token_features=features if features is not None else token_features,
-                               **saved["arch"])
+    learner = build_learner(embeddings, features if features is not None else token_features,
+                            saved.get("ensemble", 1), **saved["arch"])
     try:
         missing, unexpected = learner.load_state_dict(saved["state"], strict=False)
         if set(missing) != learner.frozen_keys() or unexpected:  # only the frozen copies are not saved
@@ -170,13 +233,9 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator, weight_decay=0.0):
-    """Fit predicted z to actual z (MSE) on a training split; keep the epoch with the lowest validation MSE.
-
-    tokens (N, T), z (N,). weight_decay > 0 uses AdamW's decoupled decay (0: plain Adam, the paper's setting).
-    Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch.
-    """
-    train_idx, val_idx = split_pairs(len(z), val_fraction, generator)
+def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator, weight_decay=0.0):
+    """Fit one learner's predicted z to actual z (MSE) on rows ``train_idx``; keep (load) the epoch with the lowest
+    MSE on rows ``val_idx``. Returns (that MSE, its epoch)."""
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else \
         torch.optim.Adam(params, lr=lr)
@@ -195,11 +254,40 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
         if val_mse < best[0]:
             best = (val_mse, epoch, _clone(learner.trainable_state()))
     learner.load_state_dict(best[2], strict=False)
+    return best[0], best[1]
+
+
+def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator, weight_decay=0.0):
+    """Train a learner (or each member of an ensemble) on a training split of the labels, early-stopped on the
+    rest. tokens (N, T), z (N,). weight_decay > 0 uses AdamW's decoupled decay (0: plain Adam, the paper's
+    setting). An ensemble's member m trains on its own bootstrap resample of the training split (its seed differs
+    too), so the members' errors are less alike than seeds alone make them.
+
+    Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch (and each member's).
+    """
+    train_idx, val_idx = split_pairs(len(z), val_fraction, generator)
+    members = getattr(learner, "members", None)
+    if members is None:
+        val_mse, best_epoch = fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator,
+                                  weight_decay)
+        extra = {}
+    else:
+        fits = []
+        for member in members:
+            sample = train_idx[torch.randint(len(train_idx), (len(train_idx),), generator=generator)]
+            fits.append(fit(member, tokens, z, sample, val_idx, epochs, lr, batch_size, generator, weight_decay))
+        with torch.no_grad():
+            learner.eval()
+            val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()
+        best_epoch = max(e for _, e in fits)
+        extra = {"best_epochs": [e for _, e in fits], "val_mse_per_member": [m for m, _ in fits],
+                 "val_spearman_per_member": [correlations(predict(m, tokens[val_idx]), z[val_idx])["spearman"]
+                                          for m in members]}
     val = correlations(predict(learner, tokens[val_idx]), z[val_idx])
     train = correlations(predict(learner, tokens[train_idx]), z[train_idx])
-    return {"val_mse": best[0], "best_epoch": best[1], "n_train": len(train_idx), "n_val": len(val_idx),
+    return {"val_mse": val_mse, "best_epoch": best_epoch, "n_train": len(train_idx), "n_val": len(val_idx),
             "val_pearson": val["pearson"], "val_spearman": val["spearman"],
-            "train_pearson": train["pearson"], "train_spearman": train["spearman"]}
+            "train_pearson": train["pearson"], "train_spearman": train["spearman"], **extra}
 
 
 def exact_validation_metrics(learner, pairs):
@@ -209,10 +297,66 @@ def exact_validation_metrics(learner, pairs):
     if not validation:
         return {"n_exact": 0}
     exact = [v["ig"] for v in validation]
-    learned = correlations(predict(learner, torch.tensor([v["tokens"] for v in validation])), exact)
+    predicted = predict(learner, torch.tensor([v["tokens"] for v in validation]))
+    learned = correlations(predicted, exact)
     stats = pairs["stats"]
     return {"n_exact": len(validation), "exact_pearson": learned["pearson"], "exact_spearman": learned["spearman"],
+            "exact_spearman_ci": spearman_ci(predicted, exact)["ci"],
             "estimator_exact_pearson": stats["estimator_vs_exact"]["pearson"],
             "estimator_exact_spearman": stats["estimator_vs_exact"]["spearman"],
             "context_loss_pearson": stats["context_loss_vs_exact"]["pearson"],
             "context_loss_spearman": stats["context_loss_vs_exact"]["spearman"]}
+
+
+def heldout_metrics(learner, pairs):
+    """How the learner (and each ensemble member, and the context's own pretrained loss) ranks the held-out labels
+    (``pairs["heldout"]``, measured like the training labels, never trained or early-stopped on): Spearman with
+    its bootstrap 95 % CI. This is the learner's quality that the gate reads."""
+    heldout = pairs.get("heldout") or []
+    if not heldout:
+        return {"n_heldout": 0}
+    tokens, ig = torch.tensor([p["tokens"] for p in heldout]), [p["ig"] for p in heldout]
+    predicted = predict(learner, tokens)
+    ranked = spearman_ci(predicted, ig)
+    out = {"n_heldout": len(heldout), "heldout_spearman": ranked["spearman"], "heldout_spearman_ci": ranked["ci"],
+           "heldout_pearson": correlations(predicted, ig)["pearson"],
+           "heldout_context_loss_spearman": correlations([math.log(p["context_ppl"]) for p in heldout],
+                                                         ig)["spearman"]}
+    if hasattr(learner, "members"):
+        out["heldout_spearman_per_member"] = [correlations(predict(m, tokens), ig)["spearman"] for m in learner.members]
+    return out
+
+
+# ----------------------------------------------------------------------------- the gate
+
+def learner_quality(metrics):
+    """(Spearman, [CI low, CI high], n, what it was measured on) of a learner: on the held-out labels when there
+    are any (tight), else on the exact validation pairs; None when neither was measured."""
+    if metrics.get("n_heldout"):
+        return metrics["heldout_spearman"], metrics["heldout_spearman_ci"], metrics["n_heldout"], "held-out labels"
+    if metrics.get("n_exact") and "exact_spearman_ci" in metrics:
+        return metrics["exact_spearman"], metrics["exact_spearman_ci"], metrics["n_exact"], "exact validation pairs"
+    return None
+
+
+def describe_quality(metrics):
+    """One phrase: 'held-out Spearman 0.25 (95 % CI 0.16 to 0.33, n = 500 held-out labels)'."""
+    quality = learner_quality(metrics or {})
+    if quality is None:
+        return "held-out Spearman not measured"
+    rho, (low, high), n, on = quality
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return f"held-out Spearman {fmt(rho)} (95 % CI {fmt(low)} to {fmt(high)}, n = {n} {on})"
+
+
+def gate_refusal(metrics, who):
+    """None when the learner ranks held-out IG better than chance (the CI's lower bound above 0), else the one
+    line that refuses it (``who``: which learner, e.g. 'pipeline 2's secondary learner')."""
+    quality = learner_quality(metrics or {})
+    if quality is not None and quality[1][0] is not None and quality[1][0] > 0:
+        return None
+    why = ("was never scored on held-out labels" if quality is None else
+           f"is not better than chance: {describe_quality(metrics)}")
+    return (f"{who} {why}, so IGF will not use it. Collect more labels (--num_ig_pairs), a larger objective set "
+            "(--size_objective_set) or held-out labels (--num_heldout_pairs), try another --seed or "
+            "--learner_ensemble, or pass --allow_weak_learner to use it anyway")

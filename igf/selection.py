@@ -15,6 +15,9 @@ a rule that says which of the drawn candidates to keep for batch b (``keep when 
                   a perfect secondary learner could give, at the LM's cost per candidate
     dsir          DSIR's importance weight (igf/dsir.py: hashed unigram and bigram models of the objective set and
                   of the pool); keeps the top a_b of the pool: domain matching without a learner or an LM
+    dsir_validation  the same, its target model fit on all the validation text instead of the objective set, as
+                  DSIR is normally used (all the target text it has): 32-100 objective contexts leave most of
+                  its hash buckets empty, and then it mostly keeps contexts made of common n-grams
     source_matched  each candidate from source s with probability a_{b,s}, the fraction of source s in the pool
                   that the matched IGF method keeps at batch b: IGF's mix of sources (works, files), but random
                   contexts within each source. Matching IGF means IGF's gain is which sources it trains on
@@ -43,7 +46,7 @@ from .statistics import correlations
 from .thresholds import threshold_schedule
 
 IGF_METHODS = ("igf_constant", "igf_shifting")
-CONTROLS = ("random", "ppl", "oracle", "dsir", "source_matched")
+CONTROLS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched")
 REFERENCE_SIZE = 512  # labelled contexts that estimate the pool's score quantiles for ppl and oracle
 LM_LOOKAHEAD = 64  # candidates an LM-scored rule scores at once (at most this many are scored and not drawn)
 RANDOM_SEED_OFFSET = 7919  # random's (and source_matched's) coin flips: seeded per run, apart from the candidates
@@ -173,7 +176,7 @@ class SelectionInputs:
     thresholds: dict = field(default_factory=dict)  # IGF method -> batch -> z threshold
     acceptance: list | None = None  # batch -> fraction of the pool the matched IGF method keeps
     scorers: dict = field(default_factory=dict)  # 'ppl' / 'oracle' -> LMScorer
-    dsir_scores: torch.Tensor | None = None  # (N_pool,) DSIR log importance weights for the objective set
+    dsir_scores: dict = field(default_factory=dict)  # method -> (N_pool,) DSIR log importance weights
     pool_sources: list | None = None  # pool row -> source index
     source_acceptance: list | None = None  # batch -> [a_{b,s} for every source s]
 
@@ -215,10 +218,12 @@ def _ranked(name):
     return build
 
 
-def _dsir(inputs, run_seed):
-    scores = inputs.dsir_scores  # the whole pool is scored (cheap), so its top a_b is exact, not estimated
-    thresholds = {a: top_fraction_threshold(scores, a) for a in set(inputs.acceptance)}
-    return Rule(lambda rows: scores[rows], lambda b: thresholds[inputs.acceptance[b]])
+def _dsir(method):
+    def build(inputs, run_seed):
+        scores = inputs.dsir_scores[method]  # the whole pool is scored (cheap), so its top a_b is exact
+        thresholds = {a: top_fraction_threshold(scores, a) for a in set(inputs.acceptance)}
+        return Rule(lambda rows: scores[rows], lambda b: thresholds[inputs.acceptance[b]])
+    return build
 
 
 def _source_matched(inputs, run_seed):
@@ -233,7 +238,8 @@ def _source_matched(inputs, run_seed):
 
 
 RULES = {"standard": _standard, "igf_constant": _igf("igf_constant"), "igf_shifting": _igf("igf_shifting"),
-         "random": _random, "ppl": _ranked("ppl"), "oracle": _ranked("oracle"), "dsir": _dsir,
+         "random": _random, "ppl": _ranked("ppl"), "oracle": _ranked("oracle"), "dsir": _dsir("dsir"),
+         "dsir_validation": _dsir("dsir_validation"),
          "source_matched": _source_matched}
 
 
@@ -311,11 +317,12 @@ def require_sources(methods, source_names, pool_sources):
 
 
 def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_id, scale=None, sources=None,
-                     num_sources=0):
+                     num_sources=0, validation=None, validation_id=None):
     """What the selection rules of ``ft.methods`` score with, without the LM scorers (``make_lm_scorers``): the
     learner's pool scores (on the pool's z scale ``scale`` = (mean, std) when --standardize_scores), IGF's
     thresholds, the matched acceptance (overall, and per source for source_matched), DSIR's weights for the
-    ``objective`` set; and the controls' settings (for their fingerprints, with ``objective_id``, a hash of the
+    ``objective`` set (dsir_validation: for all the ``validation`` contexts); and the controls'
+    settings (for their fingerprints, with ``objective_id``, a hash of the
     objective set the oracle and dsir score against). ``sources``: the source index of every pool row."""
     methods, inputs = ft.methods, SelectionInputs()
     if learner is None:
@@ -332,9 +339,12 @@ def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_i
             if method == ft.control_matches:
                 inputs.acceptance = rates
     settings = control_settings(methods, pairs, ig_cfg)
-    if "dsir" in methods:
-        inputs.dsir_scores = torch.as_tensor(dsir_scores(pool.numpy(), objective.numpy(), ft.dsir_buckets))
-        settings["dsir_buckets"] = ft.dsir_buckets
+    for method, target in (("dsir", objective), ("dsir_validation", validation)):
+        if method in methods:
+            inputs.dsir_scores[method] = torch.as_tensor(dsir_scores(pool.numpy(), target.numpy(), ft.dsir_buckets))
+            settings["dsir_buckets"] = ft.dsir_buckets
+    if "dsir_validation" in methods:
+        settings["validation"] = validation_id
     if "source_matched" in methods:
         inputs.pool_sources = sources.tolist()
         fn, cache = method_thresholds(ft, ft.control_matches), {}
@@ -363,6 +373,8 @@ def selection_fingerprint(ft, method, learner_fp, about):
             selection.update(oracle=about["oracle"], objective=about["objective"])
         if method == "dsir":
             selection.update(dsir_buckets=about["dsir_buckets"], objective=about["objective"])
+        if method == "dsir_validation":
+            selection.update(dsir_buckets=about["dsir_buckets"], validation=about["validation"])
         if method == "source_matched":
             selection["source_acceptance"] = about["source_acceptance"]
         return selection

@@ -158,8 +158,9 @@ def selection_report(records, contexts, reference="igf_constant", baseline="stan
     for method, by_p in records.items():
         rows = {"kl_objective": [], "kl_test": [], "pretrained_loss": [], "overlap": [], "candidates": []}
         group_shares, kept_counts, by_pipeline = [], np.zeros(len(names)), {}
-        # (run, the pipelines it is compared in): the baseline's runs once, against every pipeline's sets
-        runs = [(r, list(range(k))) for r in by_p.get(0, [])] if method == baseline else \
+        # (run, the pipelines it is compared in): shared baseline runs once, against every pipeline's sets
+        shared = method == baseline and set(by_p) == {0}
+        runs = [(r, list(range(k))) for r in by_p.get(0, [])] if shared else \
             [(r, [p]) for p in range(k) for r in by_p.get(p, [])]
         for r, pipes in runs:
             refs = [{x["run"]: x for x in records.get(reference, {}).get(p, [])}.get(r["run"]) for p in pipes]

@@ -26,6 +26,28 @@ def correlations(pred, target):
     return {"pearson": float(stats.pearsonr(pred, target)[0]), "spearman": float(stats.spearmanr(pred, target)[0])}
 
 
+def spearman_ci(pred, target, confidence=0.95, n_resamples=2000, seed=0):
+    """Spearman correlation of pred vs target with a percentile bootstrap confidence interval over the pairs
+    (scipy.stats.bootstrap, paired): {"spearman", "ci": [low, high], "n"}; None values when undefined.
+
+    Why a bootstrap: a learner's quality is scored on a few hundred held-out labels, and on 40-100 of them the
+    sampling error alone (SD 0.05-0.1) decides whether a learner looks useful; the interval says how far to
+    trust the number."""
+    pred, target = (np.asarray(v, dtype=np.float64) for v in (pred, target))
+    rho = correlations(pred, target)["spearman"]
+    if rho is None or len(pred) < 4:
+        return {"spearman": rho, "ci": [None, None], "n": len(pred)}
+
+    def statistic(x, y):
+        r = stats.spearmanr(x, y)[0]
+        return r if math.isfinite(r) else 0.0  # a resample with a constant side: no rank information
+
+    res = stats.bootstrap((pred, target), statistic, paired=True, vectorized=False, n_resamples=n_resamples,
+                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    return {"spearman": rho, "ci": [_finite_or_none(low), _finite_or_none(high)], "n": len(pred)}
+
+
 def summarize(values):
     """n, mean, standard error (sample std / sqrt n), median, min, max of a list of numbers."""
     v = np.asarray(values, dtype=np.float64)
@@ -134,7 +156,7 @@ def paired(by_run_a, by_run_b):
 # ----------------------------------------------------------------------------- all methods
 
 IGF_METHODS = ("igf_constant", "igf_shifting")  # as igf/selection.py: the methods compared with every control
-CONTROL_METHODS = ("random", "ppl", "oracle", "dsir", "source_matched")
+CONTROL_METHODS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched")
 
 
 def contrast_pairs(methods, baseline="standard"):
@@ -187,9 +209,9 @@ def compare_methods(records_by_method, baseline="standard", contrasts=None):
 # ----------------------------------------------------------------------------- replicated pipelines
 
 def records_of_pipeline(records, pipeline, baseline="standard"):
-    """{method: [records]} of one pipeline, from {method: {pipeline: [records]}} (the baseline's runs, under
-    pipeline 0, are shared by every pipeline)."""
-    return {m: by_p[0] if m == baseline else by_p[pipeline] for m, by_p in records.items()
+    """{method: [records]} of one pipeline, from {method: {pipeline: [records]}}: its own baseline runs, or the
+    ones under pipeline 0 when every pipeline shares them (--pipeline_streams shared)."""
+    return {m: by_p.get(pipeline, by_p[0]) if m == baseline else by_p[pipeline] for m, by_p in records.items()
             if m == baseline or pipeline in by_p}
 
 
@@ -218,9 +240,10 @@ def across_pipelines(per_pipeline, contrasts):
     return out
 
 
-def learner_spread(learners):
-    """The learners' held-out exact-IG Spearman across pipelines: each value, mean, SD (ddof 1), min and max."""
-    values = [m.get("exact_spearman") for m in learners if m]
+def learner_spread(learners, key="exact_spearman"):
+    """One learner metric across pipelines (``key``: the held-out exact-IG Spearman, or "heldout_spearman" on the
+    held-out labels): each value, mean, SD (ddof 1), min and max."""
+    values = [m.get(key) for m in learners if m]
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -231,9 +254,9 @@ def learner_spread(learners):
 def paired_difference(records, method, baseline="standard"):
     """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by pipeline and run: mean +- SE
     over all pairs, and each pipeline's mean curve."""
-    base = {r["run"]: r["test_ppl"] for r in records[baseline][0]}
     per_pipeline, rows = [], []
-    for _, recs in sorted(records[method].items()):
+    for p, recs in sorted(records[method].items()):
+        base = {r["run"]: r["test_ppl"] for r in records[baseline].get(p, records[baseline][0])}
         d = [np.subtract(r["test_ppl"], base[r["run"]]) for r in recs if r["run"] in base]
         rows += d
         if d:
@@ -266,6 +289,7 @@ def compare_all(records, learners, baseline="standard"):
            "methods": {m: method_summary([r for recs in by_p.values() for r in recs]) for m, by_p in records.items()},
            "pipelines": per_pipeline, "across_pipelines": across_pipelines(per_pipeline, contrasts),
            "learner_spread": learner_spread(learners),
+           "learner_heldout_spread": learner_spread(learners, "heldout_spearman"),
            "paired_difference": {m: paired_difference(records, m, baseline) for m in methods if m != baseline}
            if base else {}}
     if k == 1:
@@ -331,9 +355,17 @@ def markdown_table(results, learner=None):
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     if learner is not None:
+        if learner.get("n_heldout"):
+            low, high = learner["heldout_spearman_ci"]
+            text += (f"\nSecondary learner vs {learner['n_heldout']} held-out labels: Spearman "
+                     f"{_r(learner['heldout_spearman'])} (95 % CI {_r(low)} to {_r(high)}); the context's own "
+                     f"pretrained loss: Spearman {_r(learner.get('heldout_context_loss_spearman'))}\n")
         n = learner.get("n_exact")
         text += (f"\nSecondary learner vs held-out exact IG (n = {'n/a' if n is None else n}): "
                  f"Pearson {_r(learner.get('exact_pearson'))}, Spearman {_r(learner.get('exact_spearman'))}")
+        if learner.get("exact_spearman_ci"):
+            low, high = learner["exact_spearman_ci"]
+            text += f" (95 % CI {_r(low)} to {_r(high)})"
         if "context_loss_spearman" in learner:
             text += f"; the context's own pretrained loss: Spearman {_r(learner['context_loss_spearman'])}"
         text += "\n"
@@ -398,6 +430,11 @@ def pipelines_table(results):
                f"{mean_se(u)}, p = {format_p(u['t_test']['p'])}"]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
+    spread = results.get("learner_heldout_spread")
+    if spread:
+        text += (f"\nSecondary learners vs their held-out labels, Spearman per pipeline: "
+                 f"{', '.join(f'{v:.2f}' for v in spread['per_pipeline'])} (mean {spread['mean']:.2f}"
+                 + (f", SD {spread['sd']:.2f}" if spread["sd"] is not None else "") + ")\n")
     spread = results.get("learner_spread")
     if spread:
         text += (f"\nSecondary learners vs held-out exact IG, Spearman per pipeline: "

@@ -58,9 +58,6 @@ def check_error(code, out, err, *names):
     return lines[0]
 
 
-MESSAGES = {}  # case id -> the error line (printed at the end with -s, for the record)
-
-
 @pytest.fixture(scope="module")
 def complete_dir(tiny_model, text_files, tmp_path_factory):
     """An output directory holding every artifact of a complete tiny run."""
@@ -115,7 +112,6 @@ def test_bad_flag_value(flag, value, via_subprocess, tiny_model, text_files, exi
     if flag == "--size_objective_set" and value == "1000":
         assert text_files["validation"] in line
     assert snapshot(existing) == before
-    MESSAGES[f"{flag} {value}"] = line
 
 
 # ----------------------------------------------------------------------------- input files
@@ -143,7 +139,7 @@ def test_bad_text_file(case, split, content, via_subprocess, tiny_model, text_fi
     before = snapshot(existing)
     argv = set_flag(flags_for(tiny_model, text_files, existing), f"--{split}_file", path)
     code, out, err = run_subprocess(argv) if via_subprocess else run_inprocess(argv, capsys)
-    MESSAGES[f"{case} --{split}_file"] = check_error(code, out, err, path)
+    check_error(code, out, err, path)
     assert snapshot(existing) == before
 
 
@@ -152,7 +148,7 @@ def test_bad_input_with_overwrite_deletes_nothing(tiny_model, text_files, existi
     path = write_bytes(tmp_path / "empty.txt", b"")
     before = snapshot(existing)
     argv = set_flag(flags_for(tiny_model, text_files, existing), "--train_file", path) + ["--overwrite_output_dir"]
-    MESSAGES["empty file with --overwrite_output_dir"] = check_error(*run_inprocess(argv, capsys), path)
+    check_error(*run_inprocess(argv, capsys), path)
     assert snapshot(existing) == before
 
 
@@ -161,14 +157,14 @@ def test_bad_input_with_overwrite_deletes_nothing(tiny_model, text_files, existi
 def test_output_dir_is_a_file(tiny_model, text_files, tmp_path, capsys):
     path = write_bytes(tmp_path / "a_file", b"precious\n")
     code, out, err = run_subprocess(flags_for(tiny_model, text_files, path))
-    MESSAGES["--output_dir is a file"] = check_error(code, out, err, "--output_dir", path)
+    check_error(code, out, err, "--output_dir", path)
     assert open(path, "rb").read() == b"precious\n"
 
 
 def test_output_dir_not_writable(tiny_model, text_files, capsys):
     path = "/proc/igf_out"
     code, out, err = run_inprocess(flags_for(tiny_model, text_files, path), capsys)
-    MESSAGES["--output_dir not writable"] = check_error(code, out, err, "--output_dir", path)
+    check_error(code, out, err, "--output_dir", path)
     assert not os.path.exists(path)
 
 
@@ -176,7 +172,7 @@ def test_model_path_does_not_exist(text_files, existing, tmp_path, capsys):
     missing = str(tmp_path / "no_such_model")
     before = snapshot(existing)
     code, out, err = run_inprocess(flags_for(missing, text_files, existing), capsys)
-    MESSAGES["--model_name_or_path missing"] = check_error(code, out, err, missing)
+    check_error(code, out, err, missing)
     assert snapshot(existing) == before
 
 
@@ -199,7 +195,6 @@ def test_truncated_artifact(artifact, via_subprocess, tiny_model, text_files, ex
     line = check_error(code, out, err, path)
     assert "--overwrite_output_dir" in line
     assert snapshot(existing) == before  # the damaged file is left as it is, not silently replaced
-    MESSAGES[f"truncated {artifact}"] = line
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +213,8 @@ def other_model(tiny_model, tmp_path_factory):
 def test_artifacts_of_another_model_are_refused(tiny_model, other_model, text_files, existing, capsys):
     before = snapshot(existing)
     code, out, err = run_inprocess(flags_for(other_model, text_files, existing), capsys)
-    line = check_error(code, out, err, str(existing), "model.embedding_dim: saved 32, now 48",
-                       "--overwrite_output_dir")
+    check_error(code, out, err, str(existing), "model.embedding_dim: saved 32, now 48", "--overwrite_output_dir")
     assert snapshot(existing) == before
-    MESSAGES["another model, full pipeline"] = line
 
 
 def test_learner_checkpoint_of_another_model_is_refused(tiny_model, other_model, text_files, existing, tmp_path,
@@ -234,10 +227,9 @@ def test_learner_checkpoint_of_another_model_is_refused(tiny_model, other_model,
     before = snapshot(existing)
     argv = set_flag(flags_for(other_model, text_files, existing), "--stages", "learner", "finetune", "plot")
     code, out, err = run_inprocess(argv, capsys)
-    line = check_error(code, out, err, str(existing / "secondary_learner.pt"), "model.embedding_dim",
-                       "--overwrite_output_dir")
+    check_error(code, out, err, str(existing / "secondary_learner.pt"), "model.embedding_dim",
+                "--overwrite_output_dir")
     assert snapshot(existing) == before
-    MESSAGES["learner checkpoint of another model"] = line
 
 
 def test_later_stage_refuses_ig_pairs_of_another_model(tiny_model, other_model, text_files, existing, capsys):
@@ -245,9 +237,8 @@ def test_later_stage_refuses_ig_pairs_of_another_model(tiny_model, other_model, 
     os.remove(existing / "secondary_learner.pt")
     before = snapshot(existing)
     argv = set_flag(flags_for(other_model, text_files, existing), "--stages", "learner", "finetune", "plot")
-    line = check_error(*run_inprocess(argv, capsys), str(existing / "ig_pairs.json"), "model.embedding_dim")
+    check_error(*run_inprocess(argv, capsys), str(existing / "ig_pairs.json"), "model.embedding_dim")
     assert snapshot(existing) == before
-    MESSAGES["ig pairs of another model, later stage"] = line
 
 
 # ----------------------------------------------------------------------------- incompatible resume
@@ -259,9 +250,8 @@ def test_later_stage_refuses_ig_pairs_of_another_model(tiny_model, other_model, 
 def test_incompatible_resume_is_refused(flag, value, named, tiny_model, text_files, existing, capsys):
     before = snapshot(existing)
     argv = set_flag(flags_for(tiny_model, text_files, existing), flag, value)
-    line = check_error(*run_inprocess(argv, capsys), str(existing), named, "--overwrite_output_dir")
+    check_error(*run_inprocess(argv, capsys), str(existing), named, "--overwrite_output_dir")
     assert snapshot(existing) == before
-    MESSAGES[f"resume with {flag} {value}"] = line
 
 
 def test_overwrite_output_dir_starts_over(tiny_model, text_files, existing, capsys):
@@ -284,7 +274,6 @@ def test_huge_ig_learning_rate_stops_at_the_pair(optimizer, tiny_model, text_fil
     line = check_error(*run_inprocess(argv, capsys), "--ig_learning_rate")
     assert re.search(r"IG pair \d+", line), line
     assert not os.path.exists(out_dir / "ig_pairs.json")  # nothing non-finite was saved
-    MESSAGES[f"--ig_learning_rate 1e6 ({optimizer})"] = line
 
 
 def test_huge_learning_rate_stops_at_the_step(tiny_model, text_files, existing, capsys):
@@ -295,10 +284,3 @@ def test_huge_learning_rate_stops_at_the_step(tiny_model, text_files, existing, 
     line = check_error(*run_inprocess(argv, capsys), "--learning_rate")
     assert re.search(r"step \d+ of \w+ run \d+", line), line
     assert snapshot(existing) == before  # no run record with NaN in it
-    MESSAGES["--learning_rate 1e6"] = line
-
-
-def test_zz_print_messages():
-    """Not a check: lists every case's error line (visible with ``pytest -s``)."""
-    for case, line in MESSAGES.items():
-        print(f"{case:45s} {line}")

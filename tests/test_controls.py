@@ -2,7 +2,9 @@
 the same candidate stream; random keeps candidates at the matched IGF method's rate; ppl ranks by the pretrained
 loss in the direction that tracks IG on the labelled pairs; oracle ranks by the LM's first-order IG; dsir keeps
 the top of the pool by its n-gram importance weight; source_matched keeps each source at IGF's rate for it; all
-appear in the statistics, and IGF is compared with each of them."""
+appear in the statistics, and IGF is compared with each of them. What IGF keeps is recomputed here from the saved
+learner file alone, and each run's batches are drawn again from its seeded stream: no check reads a run's record
+to learn what that run should have done."""
 import json
 import math
 import os
@@ -18,28 +20,89 @@ from igf import artifacts
 from igf.config import METHODS, stage_seed
 from igf.dsir import dsir_scores
 from igf.information_gain import context_losses
-from igf.selection import top_fraction_threshold
+from igf.secondary_learner import load_saved_learner, predict
+from igf.selection import RANDOM_SEED_OFFSET, candidate_stream, standardize
 
 RUNS = 4
 
 
 @pytest.fixture(scope="module")
-def study(tiny_model, text_folders, tmp_path_factory):
+def learned(tiny_model, text_folders, tmp_path_factory):
+    """Stages 1-3 of the study: (folder, its flags, ContextSets rebuilt from the saved configuration, every pool
+    context's predicted IG on the pool's z scale). The z-scores come from the saved learner file alone (its weights
+    and the score scale it records), not from anything a run recorded."""
     folder = tmp_path_factory.mktemp("controls") / "out"
     args = tiny_flags(tiny_model, text_folders, folder)
     args[args.index("--num_runs") + 1] = str(RUNS)
     args[args.index("--batch_size") + 1] = "6"
-    assert run_clm_igf.main(args + ["--methods", *METHODS]) == 0
+    args += ["--methods", *METHODS]
+    assert run_clm_igf.main(args + ["--stages", "ig_pairs", "learner"]) == 0
+    sets = run_clm_igf_sets(folder, all_sets=True)
+    path = os.path.join(folder, artifacts.LEARNER)
+    saved = artifacts.read_torch(path)
+    embeddings = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).get_input_embeddings().weight
+    scores = predict(load_saved_learner(path, saved, embeddings), sets.train)  # (N_pool,)
+    return folder, args, sets, standardize(scores, saved["scale"]["mean"], saved["scale"]["std"])
+
+
+@pytest.fixture(scope="module")
+def study(learned):
+    """Stages 4-5, IGF's threshold at the median z-score of style A's contexts: the tiny learner puts (nearly) every
+    style-B context below every style-A one, so at a threshold of 0 source_matched keeps each style at a rate of 1
+    or 0 and its coins decide nothing; at this one it keeps style A at about 1/2, and its coins decide which."""
+    folder, args, sets, z = learned
+    a = sets.source_names.index("style_a")
+    threshold = round(z[sets.sources["train"] == a].median().item(), 3)
+    assert run_clm_igf.main(args + ["--stages", "finetune", "plot", "--constant_threshold", str(threshold)]) == 0
     runs = {m: [json.load(open(os.path.join(folder, artifacts.RUNS, f"{m}_run{r:03d}.json"))) for r in range(RUNS)]
             for m in METHODS}
     return folder, runs
+
+
+@pytest.fixture(scope="module")
+def pool(learned, study):
+    """(ContextSets, the pool's z-scores from the saved learner, IGF's threshold as the saved configuration has it)."""
+    folder, _, sets, z = learned
+    return sets, z, json.load(open(os.path.join(folder, artifacts.CONFIG)))["finetune"]["constant_threshold"]
+
+
+def run_seed(folder, run):
+    """The seed of run ``run``'s candidate stream, from the saved configuration (igf/config.py SEED_OFFSETS)."""
+    return stage_seed(json.load(open(os.path.join(folder, artifacts.CONFIG)))["run"]["seed"], "finetune") + run
+
+
+def replay(pool_size, seed, keep, batch_size=6, num_batches=3):
+    """(kept rows per batch, candidates drawn per batch) of a run drawn again: the candidates in the order of the
+    stream seeded ``seed``, each kept when ``keep(row)``, until a batch holds ``batch_size``."""
+    stream = candidate_stream(pool_size, torch.Generator().manual_seed(seed))
+    kept, drawn = [], []
+    for _ in range(num_batches):
+        rows, n = [], 0
+        while len(rows) < batch_size:
+            row, n = next(stream), n + 1
+            if keep(row):
+                rows.append(row)
+        kept.append(rows)
+        drawn.append(n)
+    return kept, drawn
+
+
+def coin_rule(seed, cut):
+    """keep(row) of random and source_matched: the run's next coin u ~ U[0, 1), seeded ``seed`` +
+    RANDOM_SEED_OFFSET (one coin per candidate, in stream order), passes ``cut(row)`` = 1 - the row's rate."""
+    coins = torch.Generator().manual_seed(seed + RANDOM_SEED_OFFSET)
+    return lambda row: torch.rand(1, generator=coins, dtype=torch.float64).item() >= cut(row)
+
+
+def kept_and_drawn(record):
+    return record["kept_rows"], record["candidates_drawn"]
 
 
 def test_every_method_runs_and_is_compared(study):
     folder, runs = study
     results = json.load(open(os.path.join(folder, artifacts.RESULTS)))
     assert set(results["methods"]) == set(METHODS)
-    controls = ("random", "ppl", "oracle", "dsir", "source_matched")
+    controls = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched")
     assert set(results["tests"]) == {f"{m}_vs_standard" for m in METHODS if m != "standard"} | {
         f"{a}_vs_{b}" for a in ("igf_constant", "igf_shifting") for b in controls}
     table = open(os.path.join(folder, artifacts.RESULTS_TABLE)).read()
@@ -50,64 +113,84 @@ def test_every_method_runs_and_is_compared(study):
             assert [len(rows) for rows in rec["kept_rows"]] == [6] * 3
     # standard takes the stream as it comes; every filter skips some of it
     assert all(d == 6 for rec in runs["standard"] for d in rec["candidates_drawn"])
-    for m in ("igf_constant", "random", "ppl", "oracle", "dsir", "source_matched"):
+    for m in ("igf_constant", "random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched"):
         assert sum(d for rec in runs[m] for d in rec["candidates_drawn"]) > RUNS * 3 * 6, m
     assert "## IGF against each control" in table and "| igf_constant vs source_matched |" in table
 
 
-def test_dsir_keeps_the_top_of_the_pool_by_importance(study):
+def test_dsir_keeps_the_top_of_the_pool_by_importance(study, pool):
+    """IGF keeps the n pool contexts whose z-score passes its threshold, so dsir keeps the pool's top n by importance
+    weight: its threshold is the n-th largest weight, and its batches are its stream's contexts at or above it."""
     folder, runs = study
-    sets = run_clm_igf_sets(folder, all_sets=True)
-    objective = sets.objective_set(8, stage_seed(runs["dsir"][0]["fingerprint"]["seed"], "objective_set"))[0]
+    sets, z, igf_threshold = pool
+    seed = json.load(open(os.path.join(folder, artifacts.CONFIG)))["run"]["seed"]
+    objective = sets.objective_set(8, stage_seed(seed, "objective_set"))[0]
+    n = int((z >= igf_threshold).sum())
+    assert 0 < n < len(z)
+    # dsir fits its target on the objective set, dsir_validation on every validation context
+    for method, target in (("dsir", objective), ("dsir_validation", sets.validation)):
+        scores = dsir_scores(sets.train.numpy(), target.numpy(), 10000)
+        threshold = sorted(scores.tolist(), reverse=True)[n - 1]
+        for r, rec in enumerate(runs[method]):
+            assert rec["thresholds"] == [threshold] * 3, method
+            keep = lambda row, s=scores, t=threshold: s[row] >= t  # noqa: E731
+            assert kept_and_drawn(rec) == replay(len(z), run_seed(folder, r), keep)
     scores = dsir_scores(sets.train.numpy(), objective.numpy(), 10000)
-    acceptance = runs["dsir"][0]["fingerprint"]["selection"]["acceptance"]
-    for rec in runs["dsir"]:
-        for b, (rows, threshold) in enumerate(zip(rec["kept_rows"], rec["thresholds"])):
-            assert threshold == top_fraction_threshold(torch.as_tensor(scores), acceptance[b])
-            assert all(scores[r] >= threshold for r in rows)
+    assert not torch.equal(torch.as_tensor(scores), torch.as_tensor(dsir_scores(
+        sets.train.numpy(), sets.validation.numpy(), 10000)))  # two targets, two rankings
     # the kept contexts lean to the objective set's style (A) more than the pool does
     a = sets.source_names.index("style_a")
     kept_a = sum(s == a for rec in runs["dsir"] for batch in rec["kept_sources"] for s in batch)
     assert kept_a / (6 * 3 * RUNS) > (sets.sources["train"] == a).double().mean().item()
 
 
-def test_source_matched_keeps_each_source_at_the_igf_rate(study):
+def test_source_matched_keeps_each_source_at_the_igf_rate(study, pool):
     """Each source s is kept with probability a_s, the fraction of s's pool contexts IGF keeps: the expected share
-    of s among the kept is a_s n_s / sum_t a_t n_t. The kept counts over all runs lie within 4 SD of it."""
+    of s among the kept is a_s n_s / sum_t a_t n_t. The kept counts over all runs lie within 4 SD of it. Exactly:
+    a_s recomputed from the pool's z-scores and sources, random's coins over the run's stream give its batches."""
     folder, runs = study
-    sets = run_clm_igf_sets(folder, all_sets=True)
+    sets, z, threshold = pool
+    sources = sets.sources["train"].tolist()
+    passes = (z >= threshold).tolist()
+    rate = [sum(p for p, s in zip(passes, sources) if s == t) / sources.count(t) for t in range(max(sources) + 1)]
+    assert any(0 < a < 1 for a in rate), rate  # else every coin passes or fails, whatever its seed
+    for r, rec in enumerate(runs["source_matched"]):
+        seed = run_seed(folder, r)
+        assert kept_and_drawn(rec) == replay(len(z), seed, coin_rule(seed, lambda row: 1 - rate[sources[row]]))
+        assert rec["kept_sources"] == [[sources[row] for row in rows] for rows in rec["kept_rows"]]
+        # the coins of run r and no other: another seed's coins keep other candidates
+        assert kept_and_drawn(rec) != replay(len(z), seed, coin_rule(seed + 1, lambda row: 1 - rate[sources[row]]))
     selection = runs["source_matched"][0]["fingerprint"]["selection"]
     assert selection["control_matches"] == "igf_constant" and "source_acceptance" in selection
-    igf_sources = [s for rec in runs["igf_constant"] for batch in rec["kept_sources"] for s in batch]
     matched = [s for rec in runs["source_matched"] for batch in rec["kept_sources"] for s in batch]
-    pool = sets.sources["train"]
     a = sets.source_names.index("style_a")
-    # IGF's own kept share of style A estimates a_A n_A / sum a_t n_t; both draw the same number of contexts
     n = len(matched)
-    share_igf = sum(s == a for s in igf_sources) / n
+    expected = rate[a] * sources.count(a) / sum(rate[t] * sources.count(t) for t in range(len(rate)))
     share_matched = sum(s == a for s in matched) / n
-    sd = math.sqrt(max(share_igf * (1 - share_igf), 1 / n) / n) * math.sqrt(2)
-    assert abs(share_matched - share_igf) <= 4 * sd + 1e-9
-    assert share_matched != pytest.approx((pool == a).double().mean().item(), abs=0.05)  # not the pool's mix
-    # the same coins as random: where a source's rate is 1 both keep every candidate of it
-    assert runs["source_matched"][0]["seed"] == runs["random"][0]["seed"]
+    assert abs(share_matched - expected) <= 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9
+    assert share_matched != pytest.approx(sources.count(a) / len(sources), abs=0.05)  # not the pool's mix
 
 
-def test_random_matches_the_igf_acceptance(study):
-    """Drawing until k of Bernoulli(a) candidates pass takes k/a draws on average, variance k(1-a)/a^2
-    (negative binomial): random's total draws must lie within 4 SD of what IGF's acceptance implies."""
+def test_random_matches_the_igf_acceptance(study, pool):
+    """IGF's acceptance a is the fraction of the pool whose z-score (recomputed from the saved learner) passes its
+    threshold. Exactly: IGF's batches are its stream's contexts that pass, and random's are the candidates whose
+    coin u passes 1 - a. In distribution: drawing until k of Bernoulli(a) candidates pass takes k/a draws on
+    average, variance k(1-a)/a^2 (negative binomial): random's draws lie within 4 SD of it."""
     folder, runs = study
-    acceptance = runs["random"][0]["fingerprint"]["selection"]["acceptance"]
+    _, z, threshold = pool
+    passes = (z >= threshold).tolist()
+    a = sum(passes) / len(passes)
+    assert 0 < a < 1
+    for r in range(RUNS):
+        seed = run_seed(folder, r)
+        assert kept_and_drawn(runs["igf_constant"][r]) == replay(len(z), seed, passes.__getitem__)
+        assert kept_and_drawn(runs["random"][r]) == replay(len(z), seed, coin_rule(seed, lambda row: 1 - a))
+        assert runs["random"][r]["thresholds"] == [1 - a] * 3  # keep when u >= 1 - a
     kept = 6 * RUNS
-    for b, a in enumerate(acceptance):
+    for b in range(3):
         drawn = sum(rec["candidates_drawn"][b] for rec in runs["random"])
         mean, sd = kept / a, math.sqrt(kept * (1 - a)) / a
         assert abs(drawn - mean) <= 4 * sd + 1e-9, (b, a, drawn, mean, sd)
-        assert runs["random"][0]["thresholds"][b] == pytest.approx(1 - a)  # keep when u >= 1 - a
-    # the matched method keeps that fraction of the pool: its draws agree with the same expectation
-    igf_drawn = sum(sum(rec["candidates_drawn"]) for rec in runs["igf_constant"])
-    expected = sum(kept / a for a in acceptance)
-    assert abs(igf_drawn - expected) <= 4 * math.sqrt(sum(kept * (1 - a) / a ** 2 for a in acceptance))
 
 
 def test_ppl_keeps_by_pretrained_loss_in_the_direction_of_ig(study, tiny_model):

@@ -29,7 +29,7 @@ def trained(tiny_model, text_folders, tmp_path_factory):
     cfg = parse_args(argv)
     model, _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
     saved = artifacts.read_torch(os.path.join(folder, artifacts.LEARNER))
-    learner, _, _, _ = filter.load_learner(str(folder))
+    learner = filter.load_learner(str(folder)).model
     z = standardize(predict(learner, sets.train), saved["scale"]["mean"], saved["scale"]["std"])
     return str(folder), sets, z
 

@@ -268,7 +268,7 @@ def test_ig_eval_batch_size_only_changes_batching(base, tmp_path, monkeypatch):
 
     sizes = spy_perplexity(monkeypatch, pipelines, estimators)
     pairs, ref = ig_run(base, tmp_path / "bs3", ig_eval_batch_size=3), load(out_dir(base), artifacts.IG_PAIRS)
-    assert sizes == [3] * (1 + 24 + 8)  # before any step, then after the step on each of 24 pairs + 8 validation
+    assert sizes == [3] * (1 + 24 + 16 + 8)  # before any step, then after the step on 24 pairs, 16 held out, 8 exact
     assert pairs["ppl_before"] == pytest.approx(ref["ppl_before"], rel=1e-5)
     # IG is a difference of two perplexities: compare it on the scale of the perplexities it comes from
     assert ig_values(pairs) == pytest.approx(ig_values(ref), rel=1e-5, abs=1e-5 * ref["ppl_before"])
@@ -281,18 +281,20 @@ def test_ig_save_every_sets_the_checkpoint_interval(base, tmp_path, monkeypatch)
 
     def counting(path, obj):
         if os.path.basename(path) == artifacts.IG_PAIRS:
-            writes.append((len(obj["pairs"]), len(obj["validation"]), obj["complete"]))
+            writes.append((len(obj["pairs"]), len(obj["heldout"]), len(obj["validation"]), obj["complete"]))
         write_json(path, obj)
 
     monkeypatch.setattr(artifacts, "write_json", counting)
     pairs = ig_run(base, tmp_path / "every5", ig_save_every=5)  # 24 pairs
-    # 24 labelled pairs, then 8 exact validation pairs, then the complete record
-    assert writes == [(5, 0, False), (10, 0, False), (15, 0, False), (20, 0, False), (24, 0, False), (24, 5, False),
-                      (24, 8, False), (24, 8, True)]
+    # 24 labelled pairs, then 16 held-out ones, then 8 exact validation pairs, then the complete record
+    assert writes == [(5, 0, 0, False), (10, 0, 0, False), (15, 0, 0, False), (20, 0, 0, False), (24, 0, 0, False),
+                      (24, 5, 0, False), (24, 10, 0, False), (24, 15, 0, False), (24, 16, 0, False),
+                      (24, 16, 5, False), (24, 16, 8, False), (24, 16, 8, True)]
     writes.clear()
     ig_run(base, tmp_path / "every7", ig_save_every=7)
-    assert writes == [(7, 0, False), (14, 0, False), (21, 0, False), (24, 0, False), (24, 7, False), (24, 8, False),
-                      (24, 8, True)]
+    assert writes == [(7, 0, 0, False), (14, 0, 0, False), (21, 0, 0, False), (24, 0, 0, False), (24, 7, 0, False),
+                      (24, 14, 0, False), (24, 16, 0, False), (24, 16, 7, False), (24, 16, 8, False),
+                      (24, 16, 8, True)]
     # checkpointing does not change the result
     assert artifacts.dumps(pairs) == read_bytes(out_dir(base), artifacts.IG_PAIRS).decode()
 
@@ -310,7 +312,9 @@ def learner_run(base, folder, *switches, **flags):
 
 
 def shapes(state):
-    return {k: tuple(v.shape) for k, v in state.items()}
+    """Tensor shapes of a learner's state; of an ensemble, its first member's (every member has the same)."""
+    return {k.removeprefix("members.0."): tuple(v.shape) for k, v in state.items()
+            if not k.startswith("members.") or k.startswith("members.0.")}
 
 
 def same_state(a, b):
@@ -581,15 +585,19 @@ def test_stages_run_one_after_another(base, tmp_path):
     assert os.path.exists(os.path.join(folder, artifacts.FIGURE))
 
 
-def test_preset_study_runs_the_domain_controls_on_three_pipelines(tmp_path):
-    from igf.config import METHODS as ALL_METHODS
-
+def test_preset_study_runs_at_the_papers_label_budget_on_five_independent_pipelines(tmp_path):
     study = parse_args(["--preset", "study", "--output_dir", str(tmp_path / "o")])
-    assert study.finetune.methods == ["standard", "igf_constant", "random", "dsir", "source_matched"]
-    assert set(study.finetune.methods) < set(ALL_METHODS) and study.finetune.num_runs == 6
-    assert study.run.num_pipelines == 3
-    assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 6, 100)
-    assert study.ig.ig_estimator == "first_order" and study.data.size_objective_set == 32  # the default's data
+    assert study.finetune.methods == ["standard", "igf_constant", "dsir", "dsir_validation"]
+    assert (study.run.num_pipelines, study.run.pipeline_streams, study.finetune.num_runs) == (5, "own", 3)
+    assert (study.data.size_objective_set, study.ig.num_ig_pairs, study.ig.num_heldout_pairs) == (100, 4000, 500)
+    assert study.learner.learner_ensemble == 5 and not study.run.allow_weak_learner  # behind the gate
+    assert (study.finetune.max_steps, study.finetune.eval_every, study.ig.num_validation_pairs) == (24, 6, 40)
+    # the first study stays reachable, as it ran: shared streams, one ungated learner, no held-out labels
+    first = parse_args(["--preset", "study_v1", "--output_dir", str(tmp_path / "o")])
+    assert first.finetune.methods == ["standard", "igf_constant", "random", "dsir", "source_matched"]
+    assert (first.run.num_pipelines, first.run.pipeline_streams, first.finetune.num_runs) == (3, "shared", 6)
+    assert (first.learner.learner_ensemble, first.ig.num_heldout_pairs, first.run.allow_weak_learner) == (1, 0, True)
+    assert first.data.size_objective_set == 32 and first.ig.num_validation_pairs == 100
 
 
 def test_preset_paper_and_explicit_flags_override_it(tmp_path):

@@ -123,7 +123,7 @@ def test_every_artifact_is_written(base):
     kept = [r for batch in record["kept_rows"] for r in batch]
     assert record["pipeline"] == 0 and len(record["kept_loss"]) == len(kept) == 12  # every kept context (<= 256)
     assert sum(record["kept_unigrams"].values()) == 12 * 16 and "kept_sources" in record  # one source: the file
-    assert artifacts.read_json(os.path.join(folder, artifacts.RUNS, "standard_run000.json"))["pipeline"] is None
+    assert artifacts.read_json(os.path.join(folder, artifacts.RUNS, "standard_run000.json"))["pipeline"] == 0
     selection = artifacts.read_json(os.path.join(folder, artifacts.SELECTION))
     assert set(selection["methods"]) == set(METHODS) and selection["source_names"] == ["train", "validation", "test"]
     assert read(folder, artifacts.SELECTION_FIGURE)[:8] == PNG_MAGIC

@@ -1,11 +1,14 @@
 """--num_pipelines: independent replicates of objective set, IG labels and learner. Pipeline 0 is the
-single-pipeline run, byte for byte; pipeline p >= 1 has its own seeds and folder; standard runs once per run
-index; statistics come within and across pipelines; a finished one-pipeline folder grows a second pipeline
-without redoing the first."""
+single-pipeline run, byte for byte; pipeline p >= 1 has its own seeds and folder, its own candidate streams and
+standard runs (--pipeline_streams own), or shares run r's stream and standard run with pipeline 0 (shared);
+statistics come within and across pipelines; a finished one-pipeline folder grows a second pipeline without
+redoing the first."""
 import json
 import os
 
+import numpy as np
 import pytest
+from scipy import integrate, stats
 
 import run_clm_igf
 from conftest import tiny_flags
@@ -17,6 +20,26 @@ METHODS = ["standard", "igf_constant", "random"]
 def read(path):
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def paired_runs(folder, a, b, pipeline, runs=2):
+    """[(run r of method a, run r of method b)] of one pipeline, read from the run files: b's runs in the pipeline's
+    own folder where it has them, else pipeline 0's (a baseline shared by the pipelines)."""
+    out = []
+    for r in range(runs):
+        path_a, path_b = (artifacts.run_path(folder, m, pipeline, r) for m in (a, b))
+        if not os.path.exists(path_b):
+            path_b = artifacts.run_path(folder, b, 0, r)
+        ra, rb = (json.load(open(path)) for path in (path_a, path_b))
+        assert ra["run"] == rb["run"] == r and ra["seed"] == rb["seed"]  # a pair: one candidate stream
+        out.append((ra, rb))
+    return out
+
+
+def area_under_curve(record):
+    """Mean test perplexity over the run: the trapezoid rule over the evaluated steps, divided by their span."""
+    steps = record["steps"]
+    return integrate.trapezoid(record["test_ppl"], steps) / (steps[-1] - steps[0])
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +63,16 @@ def test_pipeline_zero_is_the_single_pipeline_run(one_and_two):
 def test_a_second_pipeline_has_its_own_objective_set_labels_and_learner(one_and_two):
     _, two = one_and_two
     p1 = two / artifacts.PIPELINES / "1"
-    assert sorted(os.listdir(p1 / artifacts.RUNS)) == ["igf_constant_run000.json", "igf_constant_run001.json",
-                                                       "random_run000.json", "random_run001.json"]
-    assert sorted(os.listdir(two / artifacts.RUNS))[-2:] == ["standard_run000.json", "standard_run001.json"]
+    assert sorted(os.listdir(p1 / artifacts.RUNS)) == sorted(os.listdir(two / artifacts.RUNS)) == [
+        f"{m}_run00{r}.json" for m in sorted(METHODS) for r in (0, 1)]  # its own standard runs
     zero, first = (json.load(open(folder / artifacts.IG_PAIRS)) for folder in (two, p1))
     assert zero["fingerprint"]["objective"] != first["fingerprint"]["objective"]
     assert [p["context_index"] for p in zero["pairs"]] != [p["context_index"] for p in first["pairs"]]
     assert read(two / artifacts.LEARNER) != read(p1 / artifacts.LEARNER)
     run0, run1 = (json.load(open(folder / artifacts.RUNS / "igf_constant_run000.json")) for folder in (two, p1))
-    assert run0["seed"] == run1["seed"] and run1["pipeline"] == 1  # the same candidate stream
+    assert run0["seed"] != run1["seed"] and run1["pipeline"] == 1  # its own candidate stream
+    standard0, standard1 = (json.load(open(folder / artifacts.RUNS / "standard_run000.json")) for folder in (two, p1))
+    assert standard1["seed"] == run1["seed"] and standard0["test_ppl"] != standard1["test_ppl"]
     assert run0["fingerprint"]["selection"]["learner"] != run1["fingerprint"]["selection"]["learner"]
     contexts = json.load(open(two / artifacts.CONTEXTS))
     assert len(contexts["objective"]) == 2
@@ -58,16 +82,47 @@ def test_statistics_within_and_across_pipelines(one_and_two):
     _, two = one_and_two
     results = json.load(open(two / artifacts.RESULTS))
     assert results["num_pipelines"] == 2 and len(results["pipelines"]) == 2
-    across = results["across_pipelines"]["igf_constant_vs_standard"]["final"]
-    within = [p["tests"]["igf_constant_vs_standard"]["final"]["paired_mean_difference"]["mean"]
-              for p in results["pipelines"]]
-    assert across["per_pipeline"] == within and "igf_constant_vs_random" in results["across_pipelines"]
-    assert results["methods"]["igf_constant"]["runs"] == 4 and results["methods"]["standard"]["runs"] == 2
+    # every contrast recomputed from the run files: each pipeline's mean paired difference, then scipy's t-test
+    for a, b in (("igf_constant", "standard"), ("igf_constant", "random")):
+        for part, value in (("final", lambda rec: rec["test_ppl"][-1]), ("auc", area_under_curve)):
+            diffs = [np.mean([value(ra) - value(rb) for ra, rb in paired_runs(two, a, b, p)]) for p in range(2)]
+            across = results["across_pipelines"][f"{a}_vs_{b}"][part]
+            assert across["per_pipeline"] == pytest.approx(diffs, rel=1e-12)
+            assert across["mean"] == pytest.approx(np.mean(diffs), rel=1e-12)
+            assert across["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(2), rel=1e-9)
+            t_test = stats.ttest_1samp(diffs, 0.0)
+            assert across["t_test"] == pytest.approx({"t": t_test.statistic, "p": t_test.pvalue}, rel=1e-9)
+            assert across["lower_in_pipelines"] == sum(d < 0 for d in diffs)
+            within = [res["tests"][f"{a}_vs_{b}"][part]["paired_mean_difference"]["mean"]
+                      for res in results["pipelines"]]
+            assert within == pytest.approx(diffs, rel=1e-12)
+    assert results["methods"]["igf_constant"]["runs"] == 4 and results["methods"]["standard"]["runs"] == 4
     assert len(results["learner_spread"]["per_pipeline"]) == 2
     table = open(two / artifacts.RESULTS_TABLE).read()
     assert table.startswith("## Across pipelines") and "## Pipeline 1" in table
     selection = json.load(open(two / artifacts.SELECTION))
     assert selection["methods"]["igf_constant"]["candidates"]["n"] == 4
+
+
+def test_shared_streams_pair_every_pipeline_with_one_standard_run(one_and_two, tiny_model, text_files, tmp_path):
+    _, two = one_and_two
+    shared = tmp_path / "shared"
+    assert run_clm_igf.main(tiny_flags(tiny_model, text_files, shared) + [
+        "--methods", *METHODS, "--num_pipelines", "2", "--pipeline_streams", "shared"]) == 0
+    p1 = shared / artifacts.PIPELINES / "1"
+    assert sorted(os.listdir(p1 / artifacts.RUNS)) == ["igf_constant_run000.json", "igf_constant_run001.json",
+                                                       "random_run000.json", "random_run001.json"]
+    run0, run1 = (json.load(open(folder / artifacts.RUNS / "igf_constant_run000.json")) for folder in (shared, p1))
+    assert run0["seed"] == run1["seed"]  # the same candidate stream
+    for name in os.listdir(shared / artifacts.RUNS):  # pipeline 0 is the same either way
+        a, b = (json.load(open(folder / artifacts.RUNS / name)) for folder in (shared, two))
+        if name.startswith("standard"):  # shared by every pipeline, so it belongs to none
+            assert (a.pop("pipeline"), b.pop("pipeline")) == (None, 0)
+        assert a == b, name
+    results = json.load(open(shared / artifacts.RESULTS))
+    assert results["methods"]["standard"]["runs"] == 2
+    for r, pair in enumerate(paired_runs(shared, "igf_constant", "standard", 1)):
+        assert pair[1] == json.load(open(artifacts.run_path(shared, "standard", 0, r)))
 
 
 def test_a_finished_folder_grows_a_pipeline_without_redoing_the_first(one_and_two, tiny_model, text_files, tmp_path):

@@ -1,0 +1,235 @@
+"""The learner folder (igf/learner.py) on the tiny model: the driver writes it after the learner stage (again only
+when missing or stale); it loads from a copy with the LM gone and scores exactly as the filter's --scores; altered
+weights or a swapped tokenizer are refused in one line; score_rows maps a datasets.Dataset row by row; the filter
+on it equals the filter on the output folder; and the filter applies the driver's gate."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import run_clm_igf
+from conftest import make_tiny_model, tiny_flags
+from igf import Learner, artifacts, filter
+from igf.errors import IGFError
+from igf.learner import CARD, CONFIG, SCORE_COLUMN, WEIGHTS
+from igf.secondary_learner import describe_quality, gate_refusal
+
+
+@pytest.fixture(scope="module")
+def trained(text_folders, tmp_path_factory):
+    """(output folder, its LM folder, the training lines): a learner trained on a tiny LM of this module's own,
+    so that a test can take the LM away."""
+    root = tmp_path_factory.mktemp("learner_folder")
+    lm = make_tiny_model(root / "lm")
+    out = root / "out"
+    assert run_clm_igf.main(tiny_flags(lm, text_folders, out) + ["--stages", "ig_pairs", "learner"]) == 0
+    lines = [line for name in sorted(os.listdir(text_folders["train"]))
+             for line in open(os.path.join(text_folders["train"], name), encoding="utf-8")]
+    return str(out), lm, lines
+
+
+def folder_of(out):
+    return os.path.join(out, artifacts.LEARNER_FOLDER)
+
+
+def cli_scores(folder, lines, tmp_path, *flags):
+    """The filter's --scores on a file whose lines are ``lines``, as float32 (the gate has a test of its own)."""
+    corpus, scores = tmp_path / "corpus.txt", tmp_path / "scores.jsonl"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    assert filter.main([str(folder), "--input", str(corpus), "--output", str(tmp_path / "kept.jsonl"),
+                        "--scores", str(scores), "--allow_weak_learner", *flags]) == 0
+    return np.array([json.loads(line)["score"] for line in open(scores)], dtype=np.float32)
+
+
+def one_error_line(capsys, argv, *fragments):
+    assert filter.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    for fragment in fragments:
+        assert fragment in err[0], (fragment, err[0])
+
+
+def test_round_trip_without_the_lm(trained, tmp_path, monkeypatch):
+    out, lm, lines = trained
+    folder = folder_of(out)
+    assert {CONFIG, WEIGHTS, CARD, "tokenizer.json"} <= set(os.listdir(folder))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(folder, WEIGHTS)).st_mode & 0o777 == 0o666 & ~umask  # not private
+    shared = shutil.copytree(folder, tmp_path / "shared")
+    os.rename(lm, lm + ".gone")  # the LM is gone: the folder alone must do
+    try:
+        def no_pickle(*args, **kwargs):
+            raise AssertionError("torch.load used to load a learner folder")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "load", no_pickle)
+            learner = Learner.from_pretrained(str(shared))
+        z = learner.score([line.rstrip("\n") for line in lines])  # a list of texts, one per line
+        assert z.dtype == np.float32 and len(z) > 100
+        assert np.array_equal(z, cli_scores(shared, lines, tmp_path))  # the CLI's --scores, to the bit
+        assert np.array_equal(learner.score(lines), z)  # with their line breaks: the same lines
+        assert np.array_equal(learner.score(["".join(lines)]), z)  # one text of many lines: the same file
+        assert np.array_equal(cli_scores(out, lines, tmp_path), z)  # the output folder uses its fresh learner/
+        assert learner.quality == describe_quality(learner.metrics) and learner.metrics["n_heldout"] == 16
+        # save_pretrained writes the same folder again
+        again = learner.save_pretrained(str(tmp_path / "again"))
+        assert json.load(open(os.path.join(again, CONFIG))) == json.load(open(os.path.join(shared, CONFIG)))
+        assert np.array_equal(Learner.from_pretrained(again).score(lines), z)
+    finally:
+        os.rename(lm + ".gone", lm)
+
+
+def test_config_and_card_say_what_it_is(trained, tmp_path):
+    out, _, lines = trained
+    config = json.load(open(os.path.join(folder_of(out), CONFIG)))
+    assert config["igf_kind"] == "igf-secondary-learner" and config["architecture"]["ensemble"] == 3
+    assert config["context_len"] == 16 and config["labels"]["estimator"] == "exact"
+    assert config["labels"]["num_ig_pairs"] == 24 and config["labels"]["ig_optimizer"] == "adam"
+    saved = artifacts.read_torch(os.path.join(out, artifacts.LEARNER))
+    assert config["scale"] == saved["scale"] and config["built_on"]["weights"] == saved["built_on"]["model"]["weights"]
+    z = cli_scores(out, lines, tmp_path)  # the training text: the pool's contexts
+    assert config["pool"] == {"contexts": len(z), "acceptance_at_zero": float(np.mean(z >= 0))}
+    card = open(os.path.join(folder_of(out), CARD), encoding="utf-8").read()
+    assert card.startswith("---\nlibrary_name: igf\ntags:\n- information-gain-filtration\n")
+    assert describe_quality(config["metrics"]) in card and "against exact IG: Spearman" in card
+    assert f"{config['pool']['acceptance_at_zero']:.1%} of the {len(z)} training-pool contexts" in card
+    assert "from igf import Learner\nlearner = Learner.from_pretrained(" in card
+    assert "24 IG labels by the `exact`" in card
+
+
+def test_the_driver_writes_the_folder_only_when_missing_or_stale(trained, text_folders, tmp_path, capsys):
+    out, lm, _ = trained
+    copy = shutil.copytree(out, tmp_path / "out")
+    argv = tiny_flags(lm, text_folders, copy) + ["--stages", "ig_pairs", "learner"]
+    weights = open(os.path.join(folder_of(copy), WEIGHTS), "rb").read()
+    capsys.readouterr()
+    assert run_clm_igf.main(argv) == 0 and "wrote the learner folder" not in capsys.readouterr().out  # fresh
+    shutil.rmtree(folder_of(copy))
+    assert run_clm_igf.main(argv) == 0 and "wrote the learner folder" in capsys.readouterr().out  # missing
+    assert open(os.path.join(folder_of(copy), WEIGHTS), "rb").read() == weights  # the same bytes again
+    assert run_clm_igf.main(argv + ["--learner_epochs", "3"]) == 0  # retrained: the folder was stale
+    assert "wrote the learner folder" in capsys.readouterr().out
+    assert open(os.path.join(folder_of(copy), WEIGHTS), "rb").read() != weights
+    assert np.array_equal(Learner.from_pretrained(folder_of(copy)).model.trainable_state()["members.0.conv.bias"],
+                          filter.load_learner(str(copy), model_name_or_path=lm).model.trainable_state()[
+                              "members.0.conv.bias"])
+
+
+def test_altered_weights_or_a_swapped_tokenizer_are_refused(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out, _, lines = trained
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(lines))
+    argv = ["--input", corpus, "--output", tmp_path / "k.jsonl"]
+    # a weight changed and the file written again (a valid safetensors file)
+    edited = shutil.copytree(folder_of(out), tmp_path / "edited")
+    tensors = load_file(os.path.join(edited, WEIGHTS))
+    tensors["members.1.conv.bias"][0] += 1e-3
+    save_file(tensors, os.path.join(edited, WEIGHTS))
+    one_error_line(capsys, [edited, *argv], "does not hold the weights recorded in its config.json")
+    with pytest.raises(IGFError, match="altered or damaged"):
+        Learner.from_pretrained(edited)
+    # one byte of the tensors' data flipped in place
+    flipped = shutil.copytree(folder_of(out), tmp_path / "flipped")
+    with open(os.path.join(flipped, WEIGHTS), "r+b") as fh:
+        fh.seek(-5, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-5, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    one_error_line(capsys, [flipped, *argv], "does not hold the weights")
+    # another tokenizer in its place: the same words, other ids
+    swapped = shutil.copytree(folder_of(out), tmp_path / "swapped")
+    words = sorted(json.load(open(os.path.join(swapped, "tokenizer.json")))["model"]["vocab"], reverse=True)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(swapped)
+    one_error_line(capsys, [swapped, *argv], "is not the one the learner was built with")
+    # not a learner folder: an output folder's own config.json is not one
+    with pytest.raises(IGFError, match="is not a learner folder .*its learner folder is"):
+        Learner.from_pretrained(out)
+    one_error_line(capsys, [folder_of(out), *argv, "--context_len", 8], "contexts of 16 tokens", "--context_len 8")
+    one_error_line(capsys, [folder_of(out), *argv, "--model_name_or_path", "x"], "is a learner folder")
+
+
+def test_score_rows_on_a_dataset(trained):
+    import datasets
+
+    out, _, lines = trained
+    learner = Learner.from_pretrained(folder_of(out))
+    rows = ["".join(lines[i:i + k]) for i, k in zip(range(0, 60, 6), (2, 6, 3, 5, 2, 6, 4, 6, 3, 5))]
+    rows.append("the king")  # shorter than one context: NaN
+    ds = datasets.Dataset.from_dict({"text": rows, "id": list(range(len(rows)))})
+    scored = ds.map(learner.score_rows, batched=True, batch_size=4)
+    got = np.array(scored[SCORE_COLUMN], dtype=np.float64)
+    # independently: each row tokenized alone, its full windows through the network itself (not the token tables)
+    expected = []
+    for row in rows:
+        ids = learner.tokenizer(row, add_special_tokens=False)["input_ids"]
+        n = len(ids) // 16
+        if n == 0:
+            expected.append(math.nan)
+            continue
+        with torch.no_grad():
+            pred = learner.model.eval()(torch.tensor(ids[: 16 * n]).view(n, 16))
+        expected.append(((pred - learner.mean) / learner.std).double().mean().item())
+    expected = np.array(expected)
+    assert np.isnan(got[-1]) and not np.isnan(got[:-1]).any()
+    assert np.allclose(got, expected, atol=1e-5, equal_nan=True)
+    assert np.unique(np.round(got[:-1], 6)).size > 3  # rows differ: not one score for all
+    kept = scored.filter(lambda r: r[SCORE_COLUMN] >= 0)
+    assert kept["id"] == [i for i, z in enumerate(got) if z >= 0] and 0 < kept.num_rows < len(rows)
+    # another text field, and an empty batch
+    body = ds.rename_column("text", "body").map(learner.score_rows, batched=True, fn_kwargs={"text_field": "body"})
+    assert np.array_equal(np.array(body[SCORE_COLUMN]), got, equal_nan=True)
+    assert learner.score_rows({"text": []}) == {SCORE_COLUMN: []}
+
+
+def test_the_filter_on_the_folder_equals_the_filter_on_the_output_folder(trained, text_folders, tmp_path):
+    out, lm, _ = trained
+    results = {}
+    for name, argv in {"learner folder": [folder_of(out)], "output folder": [out],
+                       "output folder on its LM": [out, "--model_name_or_path", lm]}.items():
+        kept, scores, top = (tmp_path / f"{name}.{k}.jsonl" for k in ("kept", "scores", "top"))
+        argv += ["--input", text_folders["train"], "--allow_weak_learner"]  # the gate: a test of its own
+        assert filter.main([*argv, "--output", str(kept), "--scores", str(scores)]) == 0
+        assert filter.main([*argv, "--output", str(top), "--top_fraction", "0.2"]) == 0
+        results[name] = [open(p, "rb").read() for p in (kept, scores, top)]
+    assert results["learner folder"] == results["output folder"] == results["output folder on its LM"]
+    assert all(results["learner folder"])
+
+
+def test_the_filter_applies_the_gate(trained, tmp_path, capsys):
+    out, _, lines = trained
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(lines))
+    argv = ["--input", corpus, "--output", tmp_path / "k.jsonl"]
+
+    def with_metrics(name, metrics):  # the metrics are not in the weights' hash: the folder still loads
+        folder = shutil.copytree(folder_of(out), tmp_path / name)
+        config = json.load(open(os.path.join(folder, CONFIG)))
+        artifacts.write_json(os.path.join(folder, CONFIG), {**config, "metrics": metrics})
+        return folder
+
+    weak = with_metrics("weak", {"n_heldout": 16, "heldout_spearman": 0.1, "heldout_spearman_ci": [-0.4, 0.55]})
+    assert gate_refusal(Learner.from_pretrained(weak).metrics, "it")
+    one_error_line(capsys, [weak, *argv], f"the secondary learner of {weak} is not better than chance: held-out "
+                   "Spearman 0.10 (95 % CI -0.40 to 0.55, n = 16 held-out labels)", "--allow_weak_learner")
+    assert not os.path.exists(tmp_path / "k.jsonl")
+    assert filter.main([str(a) for a in (weak, *argv, "--allow_weak_learner")]) == 0
+    printed = capsys.readouterr().out
+    assert "warning (--allow_weak_learner): the secondary learner of" in printed and "held-out Spearman 0.10" in printed
+    unmeasured = with_metrics("unmeasured", {"n_heldout": 0, "n_exact": 0})
+    one_error_line(capsys, [unmeasured, *argv], "was never scored on held-out labels")
+    # a learner whose held-out CI lies above 0 passes, and the filter says how good it is
+    good = with_metrics("good", {"n_heldout": 16, "heldout_spearman": 0.8, "heldout_spearman_ci": [0.5, 0.95]})
+    assert filter.main([str(a) for a in (good, *argv)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out Spearman 0.80 (95 % CI 0.50 to 0.95, n = 16 held-out labels)" in printed
+    assert "warning" not in printed
