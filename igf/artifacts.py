@@ -123,13 +123,24 @@ def dumps(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _atomic(path, write):
-    """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
+def temp_file(path):
+    """(fd, name) of a new temporary file beside ``path``, with the permissions the umask gives a new file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
+    umask = os.umask(0)  # read the umask (only os.umask tells it) and put it back
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an artifact gets the usual permissions
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an output gets the usual permissions
+    except OSError:
+        os.close(fd)
+        os.remove(tmp)
+        raise
+    return fd, tmp
+
+
+def _atomic(path, write):
+    """Write through a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -260,20 +259,12 @@ class AtomicOutput:
 
     def __init__(self, path):
         self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd, self.tmp = artifacts.temp_file(path)  # the umask's permissions, as every artifact
         except OSError as e:
-            raise IGFError(f"cannot write {path} ({e.strerror})") from None
-        self.fh = os.fdopen(fd, "w", encoding="utf-8")
-        umask = os.umask(0)  # read the umask (only os.umask tells it) and put it back
-        os.umask(umask)
-        try:
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes the file private; an output gets the usual permissions
-        except OSError as e:
-            self.discard()
             raise self.error(e) from None
+        self.fh = os.fdopen(fd, "w", encoding="utf-8")
 
     def error(self, e):
         return IGFError(f"cannot write {self.path} ({e.strerror})")
