@@ -2,7 +2,7 @@
 
     left    test perplexity after each batch, mean +- one standard error over runs (all pipelines)
     middle  the paired difference from standard fine-tuning at each batch (same seed and candidate stream),
-            mean +- SE over pairs; thin lines are each pipeline's mean when there are several
+            mean +- SE over pairs, or over the pipelines' means when there are several (thin lines: each one)
     right   every run's test perplexity after the last batch, with the tests against standard
 
 ``plot_selection`` draws the selection report (igf/selection_report.py): the share of each source group among
@@ -107,9 +107,9 @@ def plot_results(results, records):
     middle.axhline(0, color=colors.get(baseline, "tab:gray"), linewidth=1)
     middle.set_xlabel("batches (optimizer steps)")
     middle.set_ylabel(f"test perplexity − {baseline or 'baseline'} (paired)")
-    middle.set_title(f"paired difference from {baseline or 'the baseline'}, mean ± SE over pairs"
-                     + ("\n(thin: each pipeline's mean)" if results.get("num_pipelines", 1) > 1 else ""),
-                     fontsize=10)
+    several = results.get("num_pipelines", 1) > 1
+    middle.set_title(f"paired difference from {baseline or 'the baseline'}, mean ± SE over "
+                     + ("pipelines\n(thin: each pipeline's mean)" if several else "pairs"), fontsize=10)
     middle.grid(alpha=0.3)
 
     finals = [[r["test_ppl"][-1] for recs in records[m].values() for r in recs] for m in methods]

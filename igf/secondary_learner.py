@@ -233,9 +233,10 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator, weight_decay=0.0):
+def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator, weight_decay=0.0, patience=None):
     """Fit one learner's predicted z to actual z (MSE) on rows ``train_idx``; keep (load) the epoch with the lowest
-    MSE on rows ``val_idx``. Returns (that MSE, its epoch)."""
+    MSE on rows ``val_idx``. ``patience``: stop after that many epochs without a lower MSE (None: run every epoch).
+    Returns (that MSE, its epoch)."""
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else \
         torch.optim.Adam(params, lr=lr)
@@ -253,15 +254,18 @@ def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generato
             val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()
         if val_mse < best[0]:
             best = (val_mse, epoch, _clone(learner.trainable_state()))
+        elif patience is not None and epoch - best[1] >= patience:
+            break
     learner.load_state_dict(best[2], strict=False)
     return best[0], best[1]
 
 
-def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator, weight_decay=0.0):
+def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, generator, weight_decay=0.0,
+                  patience=None):
     """Train a learner (or each member of an ensemble) on a training split of the labels, early-stopped on the
     rest. tokens (N, T), z (N,). weight_decay > 0 uses AdamW's decoupled decay (0: plain Adam, the paper's
-    setting). An ensemble's member m trains on its own bootstrap resample of the training split (its seed differs
-    too), so the members' errors are less alike than seeds alone make them.
+    setting); ``patience`` stops early (``fit``). An ensemble's member m trains on its own bootstrap resample of
+    the training split (its seed differs too), so the members' errors are less alike than seeds alone make them.
 
     Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch (and each member's).
     """
@@ -269,13 +273,14 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
     members = getattr(learner, "members", None)
     if members is None:
         val_mse, best_epoch = fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator,
-                                  weight_decay)
+                                  weight_decay, patience)
         extra = {}
     else:
         fits = []
         for member in members:
             sample = train_idx[torch.randint(len(train_idx), (len(train_idx),), generator=generator)]
-            fits.append(fit(member, tokens, z, sample, val_idx, epochs, lr, batch_size, generator, weight_decay))
+            fits.append(fit(member, tokens, z, sample, val_idx, epochs, lr, batch_size, generator, weight_decay,
+                            patience))
         with torch.no_grad():
             learner.eval()
             val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()

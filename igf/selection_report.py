@@ -121,6 +121,19 @@ def _mean_se(values):
     return {key: s[key] for key in ("mean", "se", "n")}
 
 
+def _replicate_mean_se(keyed):
+    """Mean, SE and n with the pipeline as the replicate: ``keyed`` [(pipeline, value)] of every run. With several
+    pipelines, each pipeline's mean over its runs, then mean +- SE over the pipelines (n = pipelines), so opposite
+    shifts of two pipelines stay visible in the SE; with one, over its runs (n = runs)."""
+    by_pipeline = {}
+    for p, v in keyed:
+        if v is not None:
+            by_pipeline.setdefault(p, []).append(v)
+    if len(by_pipeline) > 1:
+        return _mean_se([float(np.mean(v)) for v in by_pipeline.values()])
+    return _mean_se([v for values in by_pipeline.values() for v in values])
+
+
 def _shares(counts, names):
     """({source: share}, {group: share}) of source counts (None when unknown)."""
     if counts is None:
@@ -138,8 +151,9 @@ def _shares(counts, names):
 def selection_report(records, contexts, reference="igf_constant", baseline="standard"):
     """What every method kept: ``records`` {method: {pipeline: [run records]}} (the baseline's under pipeline 0,
     shared by all pipelines), ``contexts`` the comparison sets (``contexts_summary``). Measures are per run, then
-    mean +- SE over every (pipeline, run); each baseline run counts once, its objective-set KL and its overlap
-    averaged over the pipelines."""
+    mean +- SE with the pipeline as the replicate (``_replicate_mean_se``: over the pipelines' means when a method
+    has several pipelines, else over its runs). A baseline run shared by all pipelines (--pipeline_streams shared)
+    counts once, its objective-set KL and its overlap averaged over the pipelines."""
     names = contexts["source_names"]
     known = contexts["pool"]["sources"] is not None
     prior = pool_unigram(contexts)
@@ -163,24 +177,28 @@ def selection_report(records, contexts, reference="igf_constant", baseline="stan
         runs = [(r, list(range(k))) for r in by_p.get(0, [])] if shared else \
             [(r, [p]) for p in range(k) for r in by_p.get(p, [])]
         for r, pipes in runs:
+            key = pipes[0] if len(pipes) == 1 else "shared"  # the replicate this run belongs to
             refs = [{x["run"]: x for x in records.get(reference, {}).get(p, [])}.get(r["run"]) for p in pipes]
             if "kept_unigrams" in r:
-                rows["kl_objective"].append(float(np.mean([unigram_kl(contexts["objective"][p]["unigrams"],
-                                                                      r["kept_unigrams"], prior) for p in pipes])))
-                rows["kl_test"].append(unigram_kl(contexts["test"]["unigrams"], r["kept_unigrams"], prior))
-            rows["pretrained_loss"].append(float(np.mean(r["kept_loss"])) if r.get("kept_loss") else None)
+                rows["kl_objective"].append((key, float(np.mean([
+                    unigram_kl(contexts["objective"][p]["unigrams"], r["kept_unigrams"], prior) for p in pipes]))))
+                rows["kl_test"].append((key, unigram_kl(contexts["test"]["unigrams"], r["kept_unigrams"], prior)))
+            rows["pretrained_loss"].append((key, float(np.mean(r["kept_loss"])) if r.get("kept_loss") else None))
             if method != reference and all(refs):
-                rows["overlap"].append(float(np.mean([overlap(r["kept_rows"], x["kept_rows"]) for x in refs])))
-            rows["candidates"].append(sum(r["candidates_drawn"]) / (r["batch_size"] * len(r["candidates_drawn"])))
+                rows["overlap"].append((key, float(np.mean([overlap(r["kept_rows"], x["kept_rows"]) for x in refs]))))
+            rows["candidates"].append((key, sum(r["candidates_drawn"]) /
+                                       (r["batch_size"] * len(r["candidates_drawn"]))))
             if known and "kept_sources" in r:
                 counts = source_counts([s for batch in r["kept_sources"] for s in batch], len(names))
-                group_shares.append(_shares(counts, names)[1])
+                group_shares.append((key, _shares(counts, names)[1]))
                 kept_counts += counts
                 for p in pipes:
-                    by_pipeline.setdefault(p, []).append(group_shares[-1])
-        entry = {key: _mean_se(values) for key, values in rows.items()}
+                    by_pipeline.setdefault(p, []).append(group_shares[-1][1])
+        entry = {key: _replicate_mean_se(values) for key, values in rows.items()}
+        entry["replicate"] = "pipelines" if len({k for k, _ in rows["candidates"]}) > 1 else "runs"
         if group_shares:
-            entry["groups"] = {g: _mean_se([s.get(g, 0.0) for s in group_shares]) for g in report["groups"]}
+            entry["groups"] = {g: _replicate_mean_se([(k, s.get(g, 0.0)) for k, s in group_shares])
+                               for g in report["groups"]}
             entry["groups_by_pipeline"] = [{g: _mean_se([s.get(g, 0.0) for s in by_pipeline[p]])
                                             for g in report["groups"]} for p in sorted(by_pipeline)]
             entry["sources"] = _lifts(kept_counts, contexts["pool"]["sources"], names)
@@ -230,10 +248,12 @@ def selection_markdown(report):
             cells = [" / ".join(f"{100 * s.get(g, 0.0):.1f} %" for s in shares) for g in groups]
             lines.append("| " + " | ".join([f"*{label}*"] + cells + [""] * 5) + " |")
     text = "\n".join(lines) + "\n"
-    text += (f"\nShares: fraction of kept contexts per source group (mean ± SE over runs; the objective sets' row "
-             f"lists each pipeline's). Unigram KL: KL(target ‖ kept tokens), the kept distribution smoothed with a "
-             f"Dirichlet prior of {report['kl_prior_tokens']} pseudo-tokens centred on the pool's add-one unigram "
-             f"distribution; lower = closer. "
+    replicate = ("over the pipelines (each pipeline's mean over its runs), the pipeline being the replicate"
+                 if any(e.get("replicate") == "pipelines" for e in report["methods"].values()) else "over runs")
+    text += (f"\nShares: fraction of kept contexts per source group. Every cell is mean ± SE {replicate}; the "
+             f"objective sets' row lists each pipeline's. Unigram KL: KL(target ‖ kept tokens), the kept distribution "
+             f"smoothed with a Dirichlet prior of {report['kl_prior_tokens']} pseudo-tokens centred on the pool's "
+             f"add-one unigram distribution; lower = closer. "
              + (f"Overlap: fraction of a run's kept contexts that {report['reference']} kept in the same pipeline "
                 "and seed.\n" if report["reference"] else "Overlap: n/a, igf_constant was not run.\n"))
     several = [(m, e["groups_by_pipeline"]) for m, e in report["methods"].items()

@@ -251,9 +251,27 @@ def learner_spread(learners, key="exact_spearman"):
             "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
 
 
+def variance_components(groups):
+    """One-way random-effects split of a value measured in several groups with several draws each (a learner's
+    held-out Spearman: groups = pipelines, draws = learner seeds): {"mean", "within_sd", "between_sd", "groups",
+    "draws"}. Within: the pooled SD of the draws inside a group (the seed's share). Between: the SD of the group
+    means that the draws' own spread does not explain, sqrt(max(0, var(means) - within^2 / draws)) (the pipeline's
+    share: its objective set and labels). Balanced groups; a component that cannot be estimated is None."""
+    x = np.asarray(groups, dtype=np.float64)  # (groups, draws)
+    k, n = x.shape
+    within = float(np.sqrt(x.var(axis=1, ddof=1).mean())) if n > 1 else None
+    means = x.mean(axis=1)
+    between = None
+    if k > 1:
+        between = float(np.sqrt(max(0.0, means.var(ddof=1) - (within ** 2 / n if within is not None else 0.0))))
+    return {"mean": float(x.mean()), "within_sd": within, "between_sd": between, "groups": k, "draws": n}
+
+
 def paired_difference(records, method, baseline="standard"):
-    """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by pipeline and run: mean +- SE
-    over all pairs, and each pipeline's mean curve."""
+    """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by pipeline and run, and each
+    pipeline's mean curve. With one pipeline: mean +- SE over its pairs (n = runs). With several, the pipeline is
+    the replicate: mean +- SE over the pipelines' mean curves (n = pipelines), as in the across-pipeline t-test,
+    since runs of one pipeline share its learner."""
     per_pipeline, rows = [], []
     for p, recs in sorted(records[method].items()):
         base = {r["run"]: r["test_ppl"] for r in records[baseline].get(p, records[baseline][0])}
@@ -263,10 +281,11 @@ def paired_difference(records, method, baseline="standard"):
             per_pipeline.append(np.mean(d, axis=0).tolist())
     if not rows:
         return None
-    d = np.asarray(rows)  # (pairs, evals)
+    d = np.asarray(per_pipeline if len(per_pipeline) > 1 else rows)  # (replicates, evals)
     se = d.std(axis=0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.full(d.shape[1], np.nan)
     return {"steps": list(records[method][min(records[method])][0]["steps"]), "mean": d.mean(axis=0).tolist(),
-            "se": [_finite_or_none(x) for x in se], "n": len(d), "per_pipeline": per_pipeline}
+            "se": [_finite_or_none(x) for x in se], "n": len(d), "pairs": len(rows),
+            "replicate": "pipelines" if len(per_pipeline) > 1 else "runs", "per_pipeline": per_pipeline}
 
 
 def compare_all(records, learners, baseline="standard"):

@@ -110,3 +110,33 @@ def test_filter_speed_benchmark_on_the_tiny_model(tiny_model, text_folders, tmp_
     assert rows[1]["contexts"] > rows[0]["contexts"]
     assert "| corpus | tokens | contexts |" in printed.getvalue()
     assert json.load(open(tmp_path / "f.json")) == rows
+
+
+def test_learner_ladder_on_the_tiny_model(tiny_model, text_folders, tmp_path):
+    """benchmarks/learner_ladder.py on a two-pipeline tiny study: every rung's learners, scored on the held-out
+    labels, the table, and a second invocation that resumes from the JSON without training."""
+    import run_clm_igf
+    from conftest import tiny_flags
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import learner_ladder
+
+    out = tmp_path / "study"
+    flags = tiny_flags(tiny_model, text_folders, out) + ["--stages", "ig_pairs", "learner", "--num_pipelines", "2"]
+    assert run_clm_igf.main(flags) == 0
+    argv = ["--study", str(out), "--budgets", "12", "24", "--seeds", "2", "--ensemble", "2", "--learning_rates",
+            "1e-2", "1e-3", "--epochs", "3", "--patience", "1", "--output", str(tmp_path / "ladder.json")]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        records = learner_ladder.main(argv)
+    # per pipeline: budgets 12 and 24 x (2 single seeds + 2 ensembles), and lr 1e-3 at 24 (2 seeds)
+    assert len(records) == 2 * (2 * (2 + 2) + 2)
+    for r in records:
+        assert -1 <= r["heldout_spearman"] <= 1 and 1 <= min(r["best_epochs"]) <= 3 and 0 <= r["group_share"] <= 1
+        assert len(r["best_epochs"]) == r["ensemble"]
+    table = printed.getvalue()
+    assert "| objective set | labels | learner |" in table and "| 100 | 24 | ensemble of 2 | 0.01 |" in table
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        assert learner_ladder.main(argv) == records  # resumed: nothing trained again
+    assert " #0: held-out" not in again.getvalue() and "| 100 | 12 | single | 0.01 |" in again.getvalue()

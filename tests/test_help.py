@@ -19,6 +19,7 @@ COMMANDS = {  # what a user types -> what the usage line names
     "ig_speed": [sys.executable, "benchmarks/ig_speed.py"],
     "ig_signal": [sys.executable, "benchmarks/ig_signal.py"],
     "filter_speed": [sys.executable, "benchmarks/filter_speed.py"],
+    "learner_ladder": [sys.executable, "benchmarks/learner_ladder.py"],
 }
 
 

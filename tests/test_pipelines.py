@@ -100,8 +100,15 @@ def test_statistics_within_and_across_pipelines(one_and_two):
     assert len(results["learner_spread"]["per_pipeline"]) == 2
     table = open(two / artifacts.RESULTS_TABLE).read()
     assert table.startswith("## Across pipelines") and "## Pipeline 1" in table
+    # the selection report takes the pipeline as the replicate: mean +- SE of the two pipelines' means over their
+    # runs (candidates per kept context, recomputed from the run files)
     selection = json.load(open(two / artifacts.SELECTION))
-    assert selection["methods"]["igf_constant"]["candidates"]["n"] == 4
+    per_pipeline = [np.mean([sum(r["candidates_drawn"]) / (r["batch_size"] * len(r["candidates_drawn"]))
+                             for r, _ in paired_runs(two, "igf_constant", "standard", p)]) for p in range(2)]
+    candidates = selection["methods"]["igf_constant"]["candidates"]
+    assert selection["methods"]["igf_constant"]["replicate"] == "pipelines" and candidates["n"] == 2
+    assert candidates["mean"] == pytest.approx(np.mean(per_pipeline), rel=1e-12)
+    assert candidates["se"] == pytest.approx(stats.sem(per_pipeline), rel=1e-9)
 
 
 def test_shared_streams_pair_every_pipeline_with_one_standard_run(one_and_two, tiny_model, text_files, tmp_path):

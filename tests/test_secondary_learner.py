@@ -95,6 +95,23 @@ def test_weight_decay_changes_training():
     assert not torch.allclose(out[0], out[1])
 
 
+def test_patience_stops_early_and_keeps_the_best_epoch():
+    """Without patience every epoch runs; with patience p training stops p epochs after the best one, which is the
+    epoch kept (the same epoch and weights as the full run's when the best comes before the cut)."""
+    ids = torch.randint(0, 11, (40, 9), generator=torch.Generator().manual_seed(2))
+    z = torch.randn(40, generator=torch.Generator().manual_seed(3))  # unlearnable: the best epoch comes early
+    runs = {}
+    for patience in (None, 2):
+        learner, calls = _learner(seed=4), []
+        learner.register_forward_hook(lambda m, args, out, calls=calls: calls.append(m.training))
+        metrics = train_learner(learner, ids, z, 0.2, 30, 1e-1, 8, torch.Generator().manual_seed(5),
+                                patience=patience)
+        runs[patience] = metrics["best_epoch"], sum(calls) // 4, predict(learner, ids)  # 32 rows: 4 batches/epoch
+    (best, epochs, full), (best_p, epochs_p, early) = runs[None], runs[2]
+    assert epochs == 30 and best < 28
+    assert best_p == best and epochs_p == best + 2 and torch.equal(full, early)
+
+
 def test_frozen_tables_stay_frozen_and_are_not_saved():
     table = torch.randn(11, 2)
     learner = _learner(token_features=table, pooling="mean_max")

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from igf import data, dsir, selection_report
 from igf.errors import IGFError
@@ -153,3 +154,25 @@ def test_selection_report_by_hand():
     assert igf["sources"]["avoided"][0]["source"] == "shakespeare/c"
     text = selection_report.selection_markdown(report)
     assert "| igf_constant | 100.0 % | 0.0 % |" in text and "*pool*" in text and "shakespeare/c ×0.00" in text
+
+
+def test_selection_report_uses_the_pipeline_as_the_replicate():
+    """Two pipelines shift the KJV share in opposite directions: the SE is that of the two pipeline means (each
+    the mean of its runs), not of the four runs pooled (scipy.stats.sem on the pipeline means)."""
+    contexts = {"source_names": ["kjv/a", "shakespeare/c"], "vocab_size": 4,
+                "pool": {"n": 8, "sources": [4, 4], "unigrams": {"0": 8, "1": 8}},
+                "test": {"n": 2, "sources": [1, 1], "unigrams": {"0": 2}},
+                "objective": [{"n": 2, "sources": [1, 1], "unigrams": {"0": 2}}] * 2}
+    # kept sources per run (2 contexts each; 0 = kjv): pipeline 0 keeps KJV shares 1.0 and 0.5, pipeline 1 0.0 and 0.5
+    kept = {0: [[[0, 0]], [[0, 1]]], 1: [[[1, 1]], [[0, 1]]]}
+    records = {m: {p: [_run(m, r, [[0, 1]], kept[p][r], {"0": 2}, [1.0, 2.0 + p]) for r in range(2)]
+                   for p in (0, 1)} for m in ("standard", "igf_constant")}
+    report = selection_report.selection_report(records, contexts)
+    for entry in report["methods"].values():
+        means = [np.mean([1.0, 0.5]), np.mean([0.0, 0.5])]
+        kjv = entry["groups"]["kjv"]
+        assert entry["replicate"] == "pipelines" and kjv["n"] == 2
+        assert kjv["mean"] == pytest.approx(np.mean(means)) and kjv["se"] == pytest.approx(stats.sem(means))
+        assert kjv["se"] != pytest.approx(stats.sem([1.0, 0.5, 0.0, 0.5]))  # the pooled runs' SE differs
+        assert entry["pretrained_loss"]["se"] == pytest.approx(stats.sem([1.5, 2.0]))  # kept losses [1, 2 + p]
+    assert "the pipeline being the replicate" in selection_report.selection_markdown(report)

@@ -310,8 +310,10 @@ def test_across_pipelines_by_hand():
     # every igf run of every pipeline in the pooled summary; standard once
     assert out["methods"]["igf_constant"]["runs"] == 9 and out["methods"]["standard"]["runs"] == 3
     diff = out["paired_difference"]["igf_constant"]
-    assert diff["n"] == 9 and len(diff["per_pipeline"]) == 3
+    # the pipeline is the replicate: the SE of the three pipeline means, not of the nine pairs
+    assert diff["n"] == 3 and diff["pairs"] == 9 and len(diff["per_pipeline"]) == 3
     assert diff["mean"][-1] == pytest.approx(sum([-0.9, -1.9, -0.4]) / 3)
+    assert diff["se"][-1] == pytest.approx(stats.sem([-0.9, -1.9, -0.4]))
     tables = statistics.markdown_tables(out)
     assert tables.startswith("## Across pipelines") and "## Pipeline 2" in tables
     assert "| igf_constant vs standard | " in tables and "−0.90, −1.90, −0.40" in tables
@@ -332,3 +334,14 @@ def test_one_pipeline_keeps_the_single_pipeline_layout():
     assert not tables.startswith("## Across") and tables.startswith("| method |")
     single = statistics.compare_methods(statistics.records_of_pipeline(records, 0))
     assert statistics.markdown_table(single, {"exact_spearman": 0.3}) in tables  # one pipeline: the table as before
+
+
+def test_variance_components_by_hand():
+    # within: both groups have variance 2 (ddof 1); between: var(2, 6) = 8 minus 2 / 2 draws = 7
+    out = statistics.variance_components([[1.0, 3.0], [5.0, 7.0]])
+    assert out["mean"] == 4.0 and out["groups"] == 2 and out["draws"] == 2
+    assert out["within_sd"] == pytest.approx(math.sqrt(2)) and out["between_sd"] == pytest.approx(math.sqrt(7))
+    # group means closer than the draws' spread explains: no pipeline component
+    assert statistics.variance_components([[0.0, 4.0], [1.0, 3.0]])["between_sd"] == 0.0
+    assert statistics.variance_components([[0.2, 0.3]])["between_sd"] is None
+    assert statistics.variance_components([[0.2], [0.4]])["within_sd"] is None
