@@ -177,20 +177,20 @@ def selection_report(records, contexts, reference="igf_constant", baseline="stan
         runs = [(r, list(range(k))) for r in by_p.get(0, [])] if shared else \
             [(r, [p]) for p in range(k) for r in by_p.get(p, [])]
         for r, pipes in runs:
-            key = pipes[0] if len(pipes) == 1 else "shared"  # the replicate this run belongs to
+            rep = pipes[0] if len(pipes) == 1 else "shared"  # the replicate this run belongs to
             refs = [{x["run"]: x for x in records.get(reference, {}).get(p, [])}.get(r["run"]) for p in pipes]
             if "kept_unigrams" in r:
-                rows["kl_objective"].append((key, float(np.mean([
+                rows["kl_objective"].append((rep, float(np.mean([
                     unigram_kl(contexts["objective"][p]["unigrams"], r["kept_unigrams"], prior) for p in pipes]))))
-                rows["kl_test"].append((key, unigram_kl(contexts["test"]["unigrams"], r["kept_unigrams"], prior)))
-            rows["pretrained_loss"].append((key, float(np.mean(r["kept_loss"])) if r.get("kept_loss") else None))
+                rows["kl_test"].append((rep, unigram_kl(contexts["test"]["unigrams"], r["kept_unigrams"], prior)))
+            rows["pretrained_loss"].append((rep, float(np.mean(r["kept_loss"])) if r.get("kept_loss") else None))
             if method != reference and all(refs):
-                rows["overlap"].append((key, float(np.mean([overlap(r["kept_rows"], x["kept_rows"]) for x in refs]))))
-            rows["candidates"].append((key, sum(r["candidates_drawn"]) /
+                rows["overlap"].append((rep, float(np.mean([overlap(r["kept_rows"], x["kept_rows"]) for x in refs]))))
+            rows["candidates"].append((rep, sum(r["candidates_drawn"]) /
                                        (r["batch_size"] * len(r["candidates_drawn"]))))
             if known and "kept_sources" in r:
                 counts = source_counts([s for batch in r["kept_sources"] for s in batch], len(names))
-                group_shares.append((key, _shares(counts, names)[1]))
+                group_shares.append((rep, _shares(counts, names)[1]))
                 kept_counts += counts
                 for p in pipes:
                     by_pipeline.setdefault(p, []).append(group_shares[-1][1])
