@@ -83,9 +83,9 @@ def train(embeddings, pairs, budget, ensemble, lr, epochs, patience, seed):
     return learner, metrics
 
 
-def kept(learner, pool):
+def kept(learner, tables, pool):
     """IGF's constant threshold 0 on standardized scores: the pool contexts predicted above the pool's mean."""
-    scores = predict(learner, pool).double()
+    scores = predict(learner, pool, tables=tables).double()
     return (scores > scores.mean()).numpy()
 
 
@@ -93,8 +93,8 @@ def jaccard(a, b):
     return float((a & b).sum() / (a | b).sum())
 
 
-def rank(learner, rows):
-    predicted = predict(learner, torch.tensor([r["tokens"] for r in rows]))
+def rank(learner, tables, rows):
+    predicted = predict(learner, torch.tensor([r["tokens"] for r in rows]), tables=tables)
     return correlations(predicted, [r["ig"] for r in rows])["spearman"]
 
 
@@ -164,16 +164,18 @@ def main(argv=None):
                 start = time.perf_counter()
                 learner, m = train(embeddings, labels["pairs"], budget, ensemble, lr, args.epochs, args.patience,
                                    seed=10_000 * pipe + 100 * s + ensemble)
-                keep = kept(learner, pool)
+                tables = learner.token_tables()  # once per learner, for every set it scores
+                keep = kept(learner, tables, pool)
                 rec = {"pipeline": pipe, "objective": objective, "budget": budget, "ensemble": ensemble, "lr": lr,
-                       "draw": s, "heldout_spearman": rank(learner, heldout), "exact_spearman": rank(learner, exact),
+                       "draw": s, "heldout_spearman": rank(learner, tables, heldout),
+                       "exact_spearman": rank(learner, tables, exact),
                        "loss_spearman": loss_rho, "best_epochs": m.get("best_epochs", [m["best_epoch"]]),
                        "epochs": args.epochs, "patience": args.patience,
                        "group_share": float(np.char.startswith(sources[keep], args.group + "/").mean()),
                        "shares": {n: float((sources[keep] == n).mean()) for n in np.unique(sources)},  # per work
                        "seconds": time.perf_counter() - start, "kept": pack(keep)}
                 if objective == "32":  # also against its own (noisier) held-out labels
-                    rec["own_heldout_spearman"] = rank(learner, labels["heldout"])
+                    rec["own_heldout_spearman"] = rank(learner, tables, labels["heldout"])
                 records.append(rec)
                 artifacts.write_json(args.output, records)  # atomic: an interrupted ladder resumes
                 print(f"  p{pipe} obj {objective} n {budget} M {ensemble} lr {lr:g} #{s}: held-out "
