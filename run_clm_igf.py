@@ -228,7 +228,9 @@ def run(cfg: Config, launch=None):
     launch.agree(error)  # a refusal stops every process, not only the main one
     try:
         with launch.quiet_unless_main():
-            return run_stages(cfg, launch)
+            results = run_stages(cfg, launch)
+        launch.close()  # the others wait while the main process writes the statistics, figure and config
+        return results
     finally:
         if lock is not None:
             lock.release()

@@ -110,10 +110,10 @@ def make_rungs(args, small):
     """(objective set, label budget, ensemble size, learning rate) of every rung."""
     lr0, top = args.learning_rates[0], max(args.budgets)
     rungs = [("100", b, m, lr0) for m in (1, args.ensemble) for b in args.budgets]
-    rungs += [("100", top, 1, lr) for lr in args.learning_rates[1:]]
+    rungs += [("100", top, m, lr) for lr in args.learning_rates[1:] for m in (1, args.ensemble)]
     if small:
         rungs += [("32", min(len(small[min(small)]["pairs"]), top), m, lr0) for m in (1, args.ensemble)]
-    return rungs
+    return list(dict.fromkeys(rungs))  # --ensemble 1 names every single rung twice
 
 
 def main(argv=None):
@@ -124,7 +124,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="single learners per rung and pipeline (the seed spread)")
     p.add_argument("--ensemble", type=int, default=5, help="members of the ensemble rungs (two ensembles each)")
     p.add_argument("--learning_rates", type=float, nargs="+", default=[1e-3, 1e-4],
-                   help="learner learning rates at the largest budget (the first is every other rung's)")
+                   help="learner learning rates of the single and ensemble rungs at the largest budget (the first "
+                        "is every other rung's)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--patience", type=int, default=10,
                    help="stop a learner after this many epochs without a better validation loss (0: every epoch, "
@@ -189,11 +190,13 @@ def main(argv=None):
 
 def print_table(records, rungs, group):
     print("\n| objective set | labels | learner | lr | held-out Spearman, mean over pipelines | seed SD | pipeline SD "
-          f"| best epoch | {group} share kept | Jaccard of two kept pools | source shares apart |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| best epoch | {group} share kept | {group} share, two draws apart | Jaccard of two kept pools "
+          "| source shares apart |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for objective, budget, ensemble, lr in rungs:
         rows = [r for r in records if (r["objective"], r["budget"], r["ensemble"], r["lr"]) ==
                 (objective, budget, ensemble, lr)]
+        if not rows:  # e.g. --seeds 0: the ensembles alone
+            continue
         by_pipe = {}
         for r in rows:
             by_pipe.setdefault(r["pipeline"], []).append(r)
@@ -201,16 +204,16 @@ def print_table(records, rungs, group):
         comp = variance_components(table)
         pairs = [(a, b) for rs in by_pipe.values() for a, b in itertools.combinations(rs, 2)]
         jac = [jaccard(a["_keep"], b["_keep"]) for a, b in pairs]
-        apart = [max(abs(a["shares"][n] - b["shares"][n]) for n in a["shares"]) for a, b in pairs]
+        gap = [abs(a["group_share"] - b["group_share"]) for a, b in pairs]
+        apart = [max(abs(a["shares"][n] - b["shares"][n]) for n in a["shares"]) for a, b in pairs]  # per work
         shares = [r["group_share"] for r in rows]
-        if not rows:
-            continue
         epochs = sorted(e for r in rows for e in r["best_epochs"])
         name = "single" if ensemble == 1 else f"ensemble of {ensemble}"
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"| {objective} | {budget:,} | {name} | {lr:g} | {comp['mean']:.3f} | {fmt(comp['within_sd'])} | "
               f"{fmt(comp['between_sd'])} | {epochs[len(epochs) // 2]} ({epochs[0]}-{epochs[-1]}) | "
-              f"{min(shares):.2f}-{max(shares):.2f} | {np.mean(jac):.2f} (min {min(jac):.2f}) | "
+              f"{min(shares):.2f}-{max(shares):.2f} | {np.mean(gap):.3f} (max {max(gap):.3f}) | "
+              f"{np.mean(jac):.2f} (min {min(jac):.2f}) | "
               f"{np.mean(apart):.3f} (max {max(apart):.3f}) |")
     loss = {r["pipeline"]: r["loss_spearman"] for r in records}
     print(f"\nthe context's own pretrained loss on the same held-out labels: {np.mean(list(loss.values())):.3f} "

@@ -66,6 +66,14 @@ class Launch:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def close(self):
+        """Wait for every process, then take the process group down: a process that exits with its gloo group
+        still up can abort in the group's destructor ("terminate called without an active exception"). Called on
+        the success path only, so no process waits here for one that raised (the launcher stops the others)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+            self.state.destroy_process_group()
+
     def agree(self, error):
         """Raise on every process if any process has an error message (so none waits forever for the others)."""
         errors = [e for e in self.gather(error) if e]

@@ -383,6 +383,7 @@ def run_filter(args, launch=None):
         if not main:  # the other processes only tokenize their share of the rows
             for _ in tokenized:
                 pass
+            launch.close()  # waits for the main process to finish filtering
             return None
         with tqdm(desc="filtering", unit=" contexts", unit_scale=True) as bar:
             for contexts, origins in windows(tokenized, context_len):
@@ -423,6 +424,7 @@ def run_filter(args, launch=None):
             outputs.remove(everything)
         commit(outputs)
         outputs = []
+        launch.close()
     finally:
         for out in outputs:  # an error or an interruption: no half-written output
             out.discard()

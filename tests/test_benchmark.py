@@ -129,8 +129,9 @@ def test_learner_ladder_on_the_tiny_model(tiny_model, text_folders, tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         records = learner_ladder.main(argv)
-    # per pipeline: budgets 12 and 24 x (2 single seeds + 2 ensembles), and lr 1e-3 at 24 (2 seeds)
-    assert len(records) == 2 * (2 * (2 + 2) + 2)
+    # per pipeline: budgets 12 and 24 x (2 single seeds + 2 ensembles), and lr 1e-3 at 24 (the same)
+    assert len(records) == 2 * 3 * (2 + 2)
+    assert {(r["budget"], r["ensemble"]) for r in records if r["lr"] == 1e-3} == {(24, 1), (24, 2)}
     for r in records:
         assert -1 <= r["heldout_spearman"] <= 1 and 1 <= min(r["best_epochs"]) <= 3 and 0 <= r["group_share"] <= 1
         assert len(r["best_epochs"]) == r["ensemble"]
