@@ -141,3 +141,10 @@ def test_learner_ladder_on_the_tiny_model(tiny_model, text_folders, tmp_path):
     with contextlib.redirect_stdout(again):
         assert learner_ladder.main(argv) == records  # resumed: nothing trained again
     assert " #0: held-out" not in again.getvalue() and "| 100 | 12 | single | 0.01 |" in again.getvalue()
+    # --seeds 0: ensembles alone (3 rungs x 2 draws of 3 per pipeline), added to the same file
+    bigger = io.StringIO()
+    with contextlib.redirect_stdout(bigger):
+        more = learner_ladder.main(argv[:5] + ["--seeds", "0", "--ensemble", "3"] + argv[9:])
+    assert more[:len(records)] == records and len(more) == len(records) + 2 * 3 * 2
+    assert {r["ensemble"] for r in more[len(records):]} == {3}
+    assert "| 100 | 24 | ensemble of 3 | 0.001 |" in bigger.getvalue()
