@@ -86,7 +86,8 @@ class LearnerConfig:
     learner_dropout: float = _f(0.1, "dropout before the output layer")
     learner_epochs: int = _f(60, "training epochs; the checkpoint with the best validation loss is kept")
     # 1e-4, not 1e-3: at 1e-3 the learner overfits at once (best epoch 1-3 of 60); at 1e-4 it ranks held-out IG as
-    # well or better at every budget of the ladder (docs/reference.md), and its kept pool varies less between seeds
+    # well (1,000 labels) or better (4,000) on the ladder (docs/reference.md), and at 4,000 labels its kept pool
+    # varies less between seeds
     learner_learning_rate: float = _f(1e-4, "Adam learning rate of the secondary learner")
     learner_batch_size: int = _f(16, "IG pairs per learner mini-batch")
     learner_val_fraction: float = _f(0.2, "fraction of IG pairs held out to select and evaluate the learner")
