@@ -31,18 +31,21 @@ from igf.information_gain import WeightSnapshot, context_losses, perplexity
 from igf.pipelines import check_learners, load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
 from igf.plot import plot_results, plot_selection
 from igf.selection import (
+    CONDITIONAL,
     CONTROLS,
     IGF_METHODS,
+    ONLINE,
+    attach_model,
     candidate_stream,
-    make_lm_scorers,
     make_rule,
+    make_selection,
     require_sources,
     select_batches,
     selection_fingerprint,
     selection_inputs,
 )
 from igf.selection_report import contexts_summary, kept_facts, loss_sample, selection_markdown, selection_report
-from igf.statistics import compare_all, markdown_tables
+from igf.statistics import compare_all, cost_table, markdown_tables
 
 # ----------------------------------------------------------------------------- 0) model and contexts
 
@@ -63,7 +66,7 @@ def load_model_and_contexts(cfg: Config, device):
     described = {s: _describe_files(files[s]) if files else f"split {s!r} of {d.dataset_name}" for s in files or
                  ("train", "validation", "test")}
     sets = build_context_sets(corpus, d.context_len, d.size_test_set, stage_seed(cfg.run.seed, "test_set"),
-                              described)
+                              described, size_final_test_set=d.size_final_test_set)
     require_sources(cfg.finetune.methods, sets.source_names, sets.sources and sets.sources["train"])
     data_id = {s: files_sha(f) for s, f in files.items()} if files else [d.dataset_name, d.dataset_config_name,
                                                                          d.source_column]
@@ -82,6 +85,14 @@ def load_model_and_contexts(cfg: Config, device):
     return model, tokenizer, sets, ids, summary
 
 
+def kept_losses(model, pool, plans, samples, ft, device):
+    """{pool row: pretrained loss} of the ``samples`` positions of each plan's kept contexts, in one LM pass (the
+    selection report's pretrained loss of what a method keeps; the model must hold the pretrained weights)."""
+    rows = sorted({plan.batches[i // ft.batch_size][i % ft.batch_size] for key, plan in plans.items()
+                   for i in samples[key]})
+    return dict(zip(rows, context_losses(model, pool[rows], ft.eval_batch_size, device).tolist())) if rows else {}
+
+
 def _describe_files(files):
     return files[0][0] if len(files) == 1 else f"{len(files)} files in {os.path.commonpath([f for f, _ in files])}"
 
@@ -94,16 +105,20 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
               "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
                         ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores, ft.mixed_precision,
                         ft.report_loss_sample]}
+    if sets.final_test is not None:  # only then: runs measured without it stay valid
+        common["final_test"] = sha(sets.final_test)
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             pipelines=cfg.run.num_pipelines, batches=f"{ft.max_steps} x {ft.batch_size} contexts",
-            test_set=f"{len(sets.test)} contexts")
+            test_set=f"{len(sets.test)} contexts" + (f" (and {len(sets.final_test)} after the last batch)"
+                                                     if sets.final_test is not None else ""))
     pool_sources = sets.sources["train"] if sets.sources is not None else None
     inputs, about = {}, {}
     for pipe in pipelines:
         inputs[pipe.index], about[pipe.index] = selection_inputs(
             ft, cfg.ig, sets.train, pipe.learner, pipe.pairs, objective=pipe.objective,
             objective_id=sha(pipe.objective), scale=pipe.scale, sources=pool_sources,
-            num_sources=len(sets.source_names), validation=sets.validation, validation_id=sha(sets.validation))
+            num_sources=len(sets.source_names), validation=sets.validation, validation_id=sha(sets.validation),
+            learner_cfg=cfg.learner)
     # run-major order, so an interrupted invocation leaves every method with about as many finished runs;
     # with --pipeline_streams shared, standard does not depend on the pipeline, so it runs once per run index
     shared = cfg.run.pipeline_streams == "shared"
@@ -124,27 +139,32 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                 todo.append((run, pipe, method, path, fingerprint))
     runs_to_train = len(todo)  # over every process
     todo = launch.deal(todo)  # this process's runs; each writes its own run files
-    for pipe in pipelines:
-        scored_by_lm = {m for _, p, m, _, _ in todo if p is pipe} & {"ppl", "oracle"}
-        if scored_by_lm:  # only for runs still to do: scoring the reference sample costs LM passes
-            inputs[pipe.index].scorers = make_lm_scorers(scored_by_lm, about[pipe.index], model, sets.train,
-                                                         pipe.pairs, cfg.ig, pipe.objective,
-                                                         cfg.ig.ig_eval_batch_size, device)
-    # 4a) every pending run's batches, chosen at the pretrained float32 weights before any training
+    # 4a) every pending static run's batches, chosen at the pretrained float32 weights before any training; what
+    #     the LM-scored and online rules need (scorers, conditional models) is built per pipeline, and the static
+    #     scorers are freed once their plans are made (each holds a weight snapshot and a gradient)
     plans = {}
-    for run, pipe, method, _, _ in tqdm(todo, desc="selecting batches", disable=not todo):
-        seed = run_seed(cfg, pipe.index, run)
-        stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
-        plans[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed), stream,
-                                                        ft.batch_size, ft.max_steps)
-    del inputs  # the LM scorers hold a weight snapshot and a gradient: free them before training
+    for pipe in pipelines:
+        mine = [(run, method) for run, p, method, _, _ in todo if p is pipe]
+        needs_lm = {m for _, m in mine} & {"ppl", "oracle", *CONDITIONAL, *ONLINE}
+        if needs_lm:  # only for runs still to do: scoring the reference sample costs LM passes
+            attach_model(inputs[pipe.index], needs_lm, about[pipe.index], model, sets.train, pipe.pairs,
+                         ig_cfg=cfg.ig, ft=ft, learner_cfg=cfg.learner, objective=pipe.objective,
+                         validation=sets.validation, batch_size=cfg.ig.ig_eval_batch_size, device=device,
+                         seed=stage_seed(cfg.run.seed, "finetune", pipe.index))
+        for run, method in tqdm(mine, desc=f"selecting batches (pipeline {pipe.index})", disable=not mine):
+            if method in ONLINE:
+                continue
+            seed = run_seed(cfg, pipe.index, run)
+            stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
+            plans[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed), stream,
+                                                            ft.batch_size, ft.max_steps)
+        inputs[pipe.index].scorers = {}
+        if not {m for _, m in mine} & {"rho"}:
+            inputs[pipe.index].conditional = {}
     # ... and the pretrained loss of a sample of each plan's kept contexts (the selection report), in one pass
     samples = {key: loss_sample(ft.max_steps * ft.batch_size, ft.report_loss_sample) for key in plans}
-    rows = sorted({plan.batches[i // ft.batch_size][i % ft.batch_size] for key, plan in plans.items()
-                   for i in samples[key]})
-    losses = dict(zip(rows, context_losses(model, sets.train[rows], ft.eval_batch_size, device).tolist())) \
-        if rows else {}
-    # 4b) train on the plans
+    losses = kept_losses(model, sets.train, plans, samples, ft, device)
+    # 4b) train: on the plans, or picking each batch with the model as it is (online rules)
     model.to(getattr(torch, ft.torch_dtype))
     snapshot, ppl_start = WeightSnapshot(model), None
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=ft.mixed_precision == "bf16")
@@ -156,20 +176,36 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                 ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
                 tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
             snapshot.restore()
-            plan = plans[run, pipe.index, method]
-            record = finetune_run(model, sets.train, sets.test, plan, method=method, run=run,
-                                  seed=run_seed(cfg, pipe.index, run), ppl_start=ppl_start, cfg=ft,
-                                  device=device, autocast=autocast, progress=progress)
+            seed, key = run_seed(cfg, pipe.index, run), (run, pipe.index, method)
+            if key in plans:
+                selection = plans[key]
+            else:  # an online rule holds the model: built now, at the pretrained weights, on the run's own stream
+                stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))
+                selection = make_selection(make_rule(method, inputs[pipe.index], seed), stream, ft.batch_size,
+                                           ft.max_steps)
+            record = finetune_run(model, sets.train, sets.test, selection, method=method, run=run, seed=seed,
+                                  ppl_start=ppl_start, cfg=ft, device=device, autocast=autocast, progress=progress,
+                                  final_test=sets.final_test)
+            saving = ft.save_models and run == 0 and pipe.index == 0
+            if key not in plans:  # the pretrained loss of the kept sample, now that the run has chosen them
+                samples[key] = loss_sample(ft.max_steps * ft.batch_size, ft.report_loss_sample)
+                final = WeightSnapshot(model) if saving else None  # the fine-tuned weights, to be saved below
+                snapshot.restore()
+                losses.update(kept_losses(model, sets.train, {key: selection.plan}, samples, ft, device))
+                if final is not None:
+                    final.restore()
             record.update(pipeline=None if method == "standard" and shared else pipe.index,
-                          **kept_facts(plan.batches, sets.train, pool_sources, losses, samples[run, pipe.index,
-                                                                                                   method]))
+                          **kept_facts(selection.plan.batches, sets.train, pool_sources, losses, samples[key]))
+            seconds = record.pop("seconds")
             record = {**record, "fingerprint": fingerprint}
             if os.path.exists(path):  # retrained only to save its model
                 saved_models.check_rerun(path, artifacts.read_json(path), record)
             else:
                 os.makedirs(os.path.dirname(path), exist_ok=True)  # a pipeline's runs/ folder
-                artifacts.write_json(path, record)
-            if ft.save_models and run == 0 and pipe.index == 0:
+                os.makedirs(os.path.dirname(artifacts.seconds_path(path)), exist_ok=True)
+                artifacts.write_json(artifacts.seconds_path(path), seconds)
+                artifacts.write_json(path, record)  # last: a run counts as done when its record exists
+            if saving:
                 saved_models.save_model(saved_models.model_dir(out, method), model, tokenizer, record, cfg,
                                         pipelines[0].metrics)
     snapshot.restore()
@@ -192,6 +228,9 @@ def run_statistics_and_plot(cfg, contexts=None):
     artifacts.write_json(os.path.join(out, artifacts.RESULTS), results)
     table = markdown_tables(results)
     artifacts.write_text(os.path.join(out, artifacts.RESULTS_TABLE), table)
+    costs = cost_table(results, records)  # wall times included: apart from the reproducible results
+    if costs:
+        artifacts.write_text(os.path.join(out, artifacts.COSTS_TABLE), costs)
     artifacts.write_figure(os.path.join(out, artifacts.FIGURE), plot_results(results, records))
     # the selection report: what each method kept (sources, unigram KL, pretrained loss, overlap with IGF)
     path = os.path.join(out, artifacts.CONTEXTS)
@@ -203,7 +242,7 @@ def run_statistics_and_plot(cfg, contexts=None):
         artifacts.write_text(os.path.join(out, artifacts.SELECTION_TABLE), selection_table)
         artifacts.write_figure(os.path.join(out, artifacts.SELECTION_FIGURE), plot_selection(report))
     section("5) statistics")
-    print(table, flush=True)
+    print(table + (f"\n## What each method costs\n\n{costs}" if costs else ""), flush=True)
     if report:
         print(selection_table, flush=True)
     print(f"  tables: {os.path.join(out, artifacts.RESULTS_TABLE)}, {os.path.join(out, artifacts.SELECTION_TABLE)}; "

@@ -37,7 +37,7 @@ from igf.config import DataConfig, LearnerConfig  # noqa: E402
 from igf.data import build_context_sets, load_raw_splits, tokenize_splits  # noqa: E402
 from igf.information_gain import zscore  # noqa: E402
 from igf.learner import Learner  # noqa: E402
-from igf.pipelines import learner_arch  # noqa: E402
+from igf.pipelines import learner_arch, with_tokens  # noqa: E402
 from igf.secondary_learner import build_learner, predict, train_learner  # noqa: E402
 from igf.statistics import correlations, variance_components  # noqa: E402
 
@@ -145,6 +145,9 @@ def main(argv=None):
     shared = Learner.from_pretrained(folder)
     embeddings = shared.model.embed.weight  # the LM's input embeddings, from the folder: no LM load
     pool, sources = pool_and_sources(args.study, shared.tokenizer, study[0]["fingerprint"]["train"])
+    for folder, labels in ((args.study, study), (args.objective32, small)):  # tokens back from the pool
+        for p, pairs in labels.items():
+            with_tokens(pairs, pool, os.path.join(artifacts.pipeline_dir(folder, p), artifacts.IG_PAIRS))
     print(f"pool {len(pool):,} contexts; pipelines {chosen}; CPU threads {torch.get_num_threads()}", flush=True)
     rungs = make_rungs(args, small)
     records = artifacts.read_json(args.output) if os.path.exists(args.output) else []

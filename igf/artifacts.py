@@ -4,13 +4,15 @@
     <output_dir>/data.json               token and context counts of each split, and where the text came from
     <output_dir>/contexts.json           sources and unigram counts of the pool, the objective sets and the test set
                                          (what the selection report compares the kept contexts with)
-    <output_dir>/ig_pairs.json           IG pairs: tokens, raw IG, z-scored IG, the context's own perplexity, stats
+    <output_dir>/ig_pairs.json           IG pairs: pool row, raw IG, z-scored IG, the context's own perplexity, stats
     <output_dir>/secondary_learner.pt    learner weights (without the frozen embedding copy), architecture, metrics,
                                          and what it was built on: LM, tokenizer, context length, score scale
     <output_dir>/secondary_learner.json  learner metrics (Pearson / Spearman on held-out pairs)
     <output_dir>/learner/                the learner as a shareable folder (igf/learner.py): config.json,
                                          model.safetensors (with its embedding copy), tokenizer files, README.md
-    <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn, kept rows
+    <output_dir>/runs/<method>_run<rrr>.json  one fine-tuning run: test-perplexity curve, candidates drawn, kept rows,
+                                         what the rule scored, its cost in LM forward-equivalents
+    <output_dir>/run_seconds/<method>_run<rrr>.json  that run's wall times (apart: the record is reproducible)
     <output_dir>/pipelines/<p>/          pipeline p >= 1 (--num_pipelines): its ig_pairs, learner and runs/, laid
                                          out as above (pipeline 0 is the top level; standard runs are shared)
     <output_dir>/results.json            statistics over runs (median, mean, SE, Welch / Mann-Whitney / paired
@@ -47,17 +49,19 @@ LEARNER = "secondary_learner.pt"
 LEARNER_METRICS = "secondary_learner.json"
 LEARNER_FOLDER = "learner"  # Learner.save_pretrained's folder, in each pipeline's folder
 RUNS = "runs"
+RUN_SECONDS = "run_seconds"
 PIPELINES = "pipelines"
 RESULTS = "results.json"
 RESULTS_TABLE = "results.md"
+COSTS_TABLE = "costs.md"
 FIGURE = "result_igf.png"
 SELECTION = "selection.json"
 SELECTION_TABLE = "selection.md"
 SELECTION_FIGURE = "selection.png"
 MODELS = "models"
 TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
-ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, LEARNER_FOLDER, RUNS, PIPELINES, RESULTS,
-       RESULTS_TABLE, FIGURE, SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
+ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, LEARNER_FOLDER, RUNS, RUN_SECONDS, PIPELINES,
+       RESULTS, RESULTS_TABLE, COSTS_TABLE, FIGURE, SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
 
 
 def pipeline_dir(output_dir, pipeline):
@@ -68,6 +72,21 @@ def pipeline_dir(output_dir, pipeline):
 def run_path(output_dir, method, pipeline, run):
     """The file of one fine-tuning run (with --pipeline_streams shared, standard's runs sit under pipeline 0)."""
     return os.path.join(pipeline_dir(output_dir, pipeline), RUNS, f"{method}_run{run:03d}.json")
+
+
+def seconds_path(run_file):
+    """Where a run's wall times lie: in run_seconds/ beside runs/, apart from its record, which stays byte-for-byte
+    reproducible without them."""
+    runs, name = os.path.split(run_file)
+    return os.path.join(os.path.dirname(runs), RUN_SECONDS, name)
+
+
+def read_run(path):
+    """A run record, with its wall times (``seconds_path``) as record["seconds"] where they were kept."""
+    record = read_json(path)
+    if os.path.exists(seconds_path(path)):
+        record["seconds"] = read_json(seconds_path(path))
+    return record
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -263,7 +282,7 @@ def load_runs(output_dir, methods, num_runs, num_pipelines, shared_baseline=True
             missing += [os.path.relpath(run_path(output_dir, method, p, r), output_dir) for r in range(num_runs)
                         if not os.path.exists(run_path(output_dir, method, p, r))]
             pattern = os.path.join(pipeline_dir(output_dir, p), RUNS, f"{method}_run[0-9][0-9][0-9].json")
-            records[method][p] = [read_json(path) for path in sorted(glob.glob(pattern))]
+            records[method][p] = [read_run(path) for path in sorted(glob.glob(pattern))]
     if missing:
         raise IGFError(f"{len(missing)} fine-tuning runs are missing from {output_dir} (e.g. {missing[0]}); "
                        "run the finetune stage")

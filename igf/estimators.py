@@ -67,18 +67,33 @@ class ExactIG:
         return [(information_gain(self.ppl_before, ppl_after), safe_exp(loss.item()))]
 
 
-def objective_gradient(model, objective, batch_size, device):
-    """g_obj: gradient of the objective set's mean next-token NLL (over all its tokens), one tensor per parameter."""
+def objective_gradient(model, objective, batch_size, device, with_loss=False):
+    """g_obj: gradient of the objective set's mean next-token NLL (over all its tokens), one tensor per parameter
+    (``with_loss``: and that mean NLL, float64, from the same forward passes)."""
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
     n_tokens = objective.shape[0] * (objective.shape[1] - 1)
+    total = 0.0
     for chunk in objective.split(batch_size):
-        (token_nlls(model, chunk.to(device)).sum() / n_tokens).backward()  # accumulates the mean's gradient
+        loss = token_nlls(model, chunk.to(device)).sum() / n_tokens
+        loss.backward()  # accumulates the mean's gradient
+        total += loss.double().item()
     grads = [p.grad.detach().clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return grads
+    return (grads, total) if with_loss else grads
+
+
+@torch.no_grad()
+def sgd_first_order(model, params, g_obj, lr, ppl_obj, contexts, batch_size, device, restore):
+    """(IG ~ PPL_obj * (L_X(theta) - L_X(theta - lr g_obj)), L_X(theta)) for contexts (n, T), both (n,) float64:
+    two batched forward passes around the objective's own SGD step; ``restore()`` copies the weights back."""
+    before = context_losses(model, contexts, batch_size, device)  # (n,) float64
+    torch._foreach_add_(params, g_obj, alpha=-lr)  # the objective's own SGD step
+    after = context_losses(model, contexts, batch_size, device)
+    restore()  # bit-exact, rather than adding the step back
+    return ppl_obj * (before - after), before
 
 
 class FirstOrderIG:
@@ -100,14 +115,11 @@ class FirstOrderIG:
     def __call__(self, contexts):
         return self._sgd(contexts) if self.kind == "sgd" else self._adam(contexts)
 
-    @torch.no_grad()
     def _sgd(self, contexts):
         """contexts (n, T): IG ~ PPL_obj * (L_X(theta) - L_X(theta - lr g_obj)), two batched forwards."""
-        before = context_losses(self.model, contexts, self.batch_size, self.device)  # (n,) float64
-        torch._foreach_add_(self.params, self.g_obj, alpha=-self.lr)  # the objective's own SGD step
-        after = context_losses(self.model, contexts, self.batch_size, self.device)
-        self.snapshot.restore()  # bit-exact, rather than adding the step back
-        return [(self.ppl_before * (b - a), safe_exp(b)) for b, a in zip(before.tolist(), after.tolist())]
+        ig, before = sgd_first_order(self.model, self.params, self.g_obj, self.lr, self.ppl_before, contexts,
+                                     self.batch_size, self.device, self.snapshot.restore)
+        return [(i, safe_exp(b)) for i, b in zip(ig.tolist(), before.tolist())]
 
     def _adam(self, contexts):
         """contexts (1, T): IG ~ PPL_obj * lr * <g_obj, g_X / (|g_X| + eps)>, one backward on X."""
@@ -124,6 +136,44 @@ class FirstOrderIG:
                 dot += torch.dot(s.view(-1), g.view(-1)).double()
         self.model.zero_grad(set_to_none=False)
         return [(self.ppl_before * self.lr * dot.item(), safe_exp(loss.item()))]
+
+
+class CurrentIG:
+    """First-order SGD IG at the weights the model has NOW (theta_t), for selection rules that score while the model
+    fine-tunes (``oracle_online``, ``igf_refresh``).
+
+    IG drifts as the model learns (docs/studies.md: IG at theta_t ranks contexts like IG at the pretrained weights at
+    Spearman 0.42 after 8 of 24 steps), so ``refresh()`` recomputes g_obj and PPL_obj at theta_t: a forward and
+    backward pass over the objective set, the expensive part. Between refreshes ``__call__`` scores at the current
+    weights with the last g_obj (the same estimator with a stale direction). Each call saves the weights into a
+    buffer first and copies them back after the objective's step, so fine-tuning resumes bit-exactly where it was.
+    Nothing is computed at construction."""
+
+    def __init__(self, model, lr, objective, batch_size, device):
+        self.model, self.lr, self.objective, self.batch_size, self.device = model, lr, objective, batch_size, device
+        self.params = list(model.parameters())
+        self.saved = [p.detach().clone() for p in self.params]  # the restore buffer, reused by every call
+        self.g_obj, self.ppl = None, None
+
+    def refresh(self):
+        """g_obj and PPL_obj at the current weights; returns the objective set's mean NLL there."""
+        self.g_obj, nll = objective_gradient(self.model, self.objective, self.batch_size, self.device, with_loss=True)
+        self.ppl = safe_exp(nll)
+        return nll
+
+    @torch.no_grad()
+    def _restore(self):
+        torch._foreach_copy_(self.params, self.saved)
+
+    @torch.no_grad()
+    def __call__(self, contexts):
+        """First-order IG of contexts (n, T) at the current weights, (n,) float64 (``refresh()`` first)."""
+        if self.g_obj is None:
+            raise RuntimeError("CurrentIG.refresh() must run before the first score")
+        torch._foreach_copy_(self.saved, self.params)
+        ig, _ = sgd_first_order(self.model, self.params, self.g_obj, self.lr, self.ppl, contexts, self.batch_size,
+                                self.device, self._restore)
+        return ig
 
 
 ESTIMATORS = {"exact": ExactIG, "first_order": FirstOrderIG}

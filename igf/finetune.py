@@ -1,11 +1,14 @@
 """Fine-tuning runs: every method with the same optimizer, schedule, batch size, steps and candidate stream.
 
-Which candidates a run keeps is decided before its first step (igf/selection.py: IGF, standard and the
-controls differ only there). A run then takes one ordinary AdamW step per planned batch, on the batch's mean
+Which candidates a run keeps is decided by its selection rule (igf/selection.py: IGF, standard and the
+controls differ only there), before the first step for the static rules and at each step for the online ones,
+which score with the model as it is. A run then takes one ordinary AdamW step per planned batch, on the batch's mean
 loss: gradients are zeroed once per step, never per candidate.
 """
 import contextlib
 import math
+import time
+from copy import deepcopy
 
 import torch
 from tqdm.auto import tqdm
@@ -48,23 +51,35 @@ def optimizer_step(model, optimizer, scheduler, batch, autocast=contextlib.nullc
     return loss.item()
 
 
-def finetune_run(model, pool, test, plan, *, method, run, seed, ppl_start, cfg, device,
-                 autocast=contextlib.nullcontext, progress=None):
-    """One seeded fine-tuning run from the current (pretrained) weights on the batches of ``plan``
-    (igf.selection.Plan). Returns its record: test-perplexity curve, training loss, candidates drawn per batch.
+def train_steps_fe(batch_size):
+    """LM forward-equivalents of one training step on ``batch_size`` contexts: a forward and a backward pass (the
+    backward costs about two forwards), the unit of the study's compute accounting."""
+    return 3.0 * batch_size
+
+
+def finetune_run(model, pool, test, selector, *, method, run, seed, ppl_start, cfg, device,
+                 autocast=contextlib.nullcontext, progress=None, final_test=None):
+    """One seeded fine-tuning run from the current (pretrained) weights on the batches ``selector`` gives
+    (igf.selection: a Plan made before the first step, or an online selection that picks batch b with the model as
+    it is after b steps). Returns its record: test-perplexity curve, training loss, what was drawn, kept and
+    scored, and what it cost: ``cost`` in LM forward-equivalents (setup, and per batch selection and training) and
+    ``seconds`` the same in wall time (not reproducible, so the driver saves it beside the record).
 
     ``ppl_start`` is the pretrained test perplexity (shared by every run, so measured once by the caller).
+    ``final_test``: a larger test sample (N, T) whose perplexity is measured once, after the last step.
     Training steps run under ``autocast()``; test perplexity is always measured without it (full precision).
     """
     torch.manual_seed(seed)  # anything stochastic inside the model (dropout)
     optimizer, scheduler = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                                           cfg.max_steps)
     record = {"method": method, "run": run, "seed": seed, "batch_size": cfg.batch_size,
-              "context_len": pool.shape[1], "steps": [0], "test_ppl": [ppl_start], "train_loss": [],
-              "candidates_drawn": list(plan.drawn), "thresholds": list(plan.thresholds),
-              "kept_rows": [list(rows) for rows in plan.batches]}
-    for step, rows in enumerate(plan.batches, start=1):
+              "context_len": pool.shape[1], "steps": [0], "test_ppl": [ppl_start], "train_loss": []}
+    train_seconds = []
+    for step in range(1, cfg.max_steps + 1):
+        rows = selector.next(step - 1)
+        t = time.perf_counter()
         loss = optimizer_step(model, optimizer, scheduler, pool[rows].to(device), autocast)
+        train_seconds.append(time.perf_counter() - t)
         if not math.isfinite(loss):
             raise IGFError(f"non-finite training loss at step {step} of {method} run {run} (seed {seed}); "
                            "lower --learning_rate")
@@ -77,8 +92,40 @@ def finetune_run(model, pool, test, plan, *, method, run, seed, ppl_start, cfg, 
             record["steps"].append(step)
             record["test_ppl"].append(ppl)
             tqdm.write(f"[{method} run {run}] step {step:3d}/{cfg.max_steps}  test PPL {ppl:8.3f}  "
-                       f"train loss {loss:.3f}  kept {cfg.batch_size}/{plan.drawn[step - 1]} candidates")
+                       f"train loss {loss:.3f}  kept {cfg.batch_size}/{selector.plan.drawn[step - 1]} candidates")
         if progress is not None:
             progress.update(1)
+    if final_test is not None:
+        record["final_test_ppl_large"] = perplexity(model, final_test, cfg.eval_batch_size, device)
+        record["size_final_test_set"] = len(final_test)
+        tqdm.write(f"[{method} run {run}] test PPL on {len(final_test)} contexts {record['final_test_ppl_large']:.3f}")
+    plan = selector.plan
+    record.update(candidates_drawn=list(plan.drawn), thresholds=list(plan.thresholds),
+                  kept_rows=[list(r) for r in plan.batches], **plan.extras(),
+                  cost={"setup": plan.setup["forward_equivalents"], "selection": list(plan.selection_fe),
+                        "train": [train_steps_fe(cfg.batch_size)] * cfg.max_steps},
+                  # wall times differ between two runs of the same record: the driver keeps them beside it
+                  seconds={"setup": plan.setup["seconds"], "selection": list(plan.selection_seconds),
+                           "train": train_seconds})
     del optimizer, scheduler  # AdamW state is twice the model: free it before the next run
     return record
+
+
+def conditional_model(model, contexts, steps, lr, batch_size, seed, device):
+    """CoLoR-Filter's conditional model: a copy of ``model`` fine-tuned on target-domain ``contexts`` (N, T) for
+    ``steps`` AdamW steps of ``batch_size`` contexts (drawn without replacement, a fresh seeded permutation per
+    pass), the learning rate decayed linearly to 0. Returns (the copy in eval mode, LM forward-equivalents spent).
+    The original model is untouched."""
+    copy = deepcopy(model)
+    optimizer, scheduler = make_optimizer(copy, lr, 0.0, 0, steps)
+    g, order = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(contexts), generator=g).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        optimizer_step(copy, optimizer, scheduler, contexts[rows].to(device))
+    del optimizer, scheduler
+    copy.eval()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy, steps * train_steps_fe(batch_size)

@@ -4,6 +4,8 @@
     middle  the paired difference from standard fine-tuning at each batch (same seed and candidate stream),
             mean +- SE over pairs, or over the pipelines' means when there are several (thin lines: each one)
     right   every run's test perplexity after the last batch, with the tests against standard
+    compute (when runs recorded their cost) mean test perplexity against the LM forward-equivalents spent so far,
+            selection and training: a method that wins per step but loses per FLOP is seen as such
 
 ``plot_selection`` draws the selection report (igf/selection_report.py): the share of each source group among
 the kept contexts against the pool, objective and test sets, and the kept tokens' unigram KL to the objective set.
@@ -20,14 +22,18 @@ LABELS = {"standard": "standard fine-tuning", "igf_constant": "IGF, constant thr
           "igf_shifting": "IGF, shifting threshold", "random": "random at IGF's acceptance",
           "ppl": "pretrained-perplexity filter", "oracle": "oracle (LM's own IG estimate)",
           "dsir": "DSIR (n-gram importance)", "dsir_validation": "DSIR fit on all validation text",
-          "source_matched": "random with IGF's source mix"}
+          "source_matched": "random with IGF's source mix", "color": "CoLoR-Filter (objective set)",
+          "color_validation": "CoLoR-Filter (all validation text)", "oracle_online": "first-order IG at θ_t",
+          "igf_refresh": "IGF, learner refreshed at θ_t (MATES)", "rho": "RHO-LOSS (online)"}
 SHORT = {"standard": "standard", "igf_constant": "IGF\nconstant", "igf_shifting": "IGF\nshifting",
          "random": "random", "ppl": "PPL\nfilter", "oracle": "oracle", "dsir": "DSIR",
          "dsir_validation": "DSIR\nvalidation",
-         "source_matched": "source\nmatched"}
+         "source_matched": "source\nmatched", "color": "CoLoR", "color_validation": "CoLoR\nvalidation",
+         "oracle_online": "oracle\nonline", "igf_refresh": "IGF\nrefresh", "rho": "RHO"}
 COLORS = {"standard": "tab:gray", "igf_constant": "tab:blue", "igf_shifting": "tab:orange", "random": "tab:green",
           "ppl": "tab:purple", "oracle": "tab:red", "dsir": "tab:brown", "source_matched": "tab:cyan",
-          "dsir_validation": "tab:olive"}
+          "dsir_validation": "tab:olive", "color": "darkgreen", "color_validation": "limegreen",
+          "oracle_online": "darkred", "igf_refresh": "navy", "rho": "magenta"}
 SPARE_COLORS = ["tab:pink", "black", "gold"]  # methods not named above, in order
 
 
@@ -85,8 +91,11 @@ def plot_results(results, records):
     methods = list(records)
     colors = _colors(list(dict.fromkeys(list(results["methods"]) + methods)))
     baseline, lines = _test_lines(results, methods)
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4 + 0.15 * len(lines)),
-                                              gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    costed = {m: s for m, s in results["methods"].items() if s.get("cost")}
+    widths = [1.3, 1.3, 1] + ([1.3] if costed else [])
+    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4.4 + 0.15 * len(lines)),
+                             gridspec_kw={"width_ratios": widths})
+    left, middle, right = axes[:3]
     for method, summary in results["methods"].items():
         band = summary["curve"]
         _band(left, band["steps"], band["mean"], band["se"], colors[method],
@@ -124,6 +133,17 @@ def plot_results(results, records):
     heading = f"after the last batch (vs {baseline})" if lines else "after the last batch"
     right.set_title("\n".join([heading] + lines), fontsize=7 if len(lines) > 2 else 9)
     right.grid(alpha=0.3, axis="y")
+    if costed:  # a method that wins per step but loses per FLOP shows here
+        compute = axes[3]
+        for method, summary in costed.items():
+            compute.plot(summary["cost"]["fe_at_steps"], summary["curve"]["mean"], marker="o", markersize=3,
+                         color=colors[method], label=SHORT.get(method, method).replace("\n", " "))
+        compute.set_xscale("symlog", linthresh=100)
+        compute.set_xlabel("LM forward-equivalents per run (selection + training; setup apart)")
+        compute.set_ylabel("test perplexity (mean over runs)")
+        compute.set_title("test perplexity against compute", fontsize=10)
+        compute.legend(frameon=False, fontsize=7)
+        compute.grid(alpha=0.3)
     fig.suptitle(_title(records), fontsize=10)
     fig.tight_layout()
     return fig

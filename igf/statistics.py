@@ -156,14 +156,17 @@ def paired(by_run_a, by_run_b):
 # ----------------------------------------------------------------------------- all methods
 
 IGF_METHODS = ("igf_constant", "igf_shifting")  # as igf/selection.py: the methods compared with every control
-CONTROL_METHODS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched")
+CONTROL_METHODS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched", "color", "color_validation",
+                   "oracle_online", "igf_refresh", "rho")
+SIGNALS = ("oracle", "color", "color_validation", "oracle_online", "igf_refresh", "rho")  # each also against dsir
 
 
 def contrast_pairs(methods, baseline="standard"):
     """Which (method, reference) pairs are tested: every method against the baseline, then each IGF method
     against each control (is IGF better than the control that shares its acceptance?)."""
     pairs = [(m, baseline) for m in methods if m != baseline and baseline in methods]
-    return pairs + [(a, b) for a in IGF_METHODS if a in methods for b in CONTROL_METHODS if b in methods]
+    pairs += [(a, b) for a in IGF_METHODS if a in methods for b in CONTROL_METHODS if b in methods]
+    return pairs + [(a, "dsir") for a in SIGNALS if a in methods and "dsir" in methods]
 
 
 def _final(record):
@@ -174,13 +177,77 @@ def _auc(record):
     return area_under_curve(record["steps"], record["test_ppl"])
 
 
+def _final_large(record):
+    return float(record["final_test_ppl_large"])
+
+
+def summaries(records):
+    """(name, value function) of every per-run summary the records carry: the final and AUC test PPL, and the final
+    PPL on the larger test sample (--size_final_test_set) where every run measured it."""
+    out = [("final", _final), ("auc", _auc)]
+    if records and all("final_test_ppl_large" in r for r in records):
+        out.append(("final_large", _final_large))
+    return out
+
+
+def run_cost(record):
+    """A run's cost from its record: LM forward-equivalents of selection and training (per run and per kept
+    context), the one-off setup apart, the cumulative forward-equivalents at each evaluated step (the compute
+    axis), and the same in seconds where the run's wall times were kept (else None). None for records made before
+    costs were recorded."""
+    cost, seconds = record.get("cost"), record.get("seconds")
+    if cost is None:
+        return None
+    fe = np.add(cost["selection"], cost["train"])
+    kept = record["batch_size"] * len(fe)
+    cumulative = np.concatenate([[0.0], np.cumsum(fe)])
+    out = {"fe": float(fe.sum()), "fe_per_kept": float(fe.sum()) / kept,
+           "selection_fe": float(np.sum(cost["selection"])), "setup_fe": float(cost["setup"]),
+           "fe_at_steps": [float(cumulative[s]) for s in record["steps"]],
+           "seconds": None, "seconds_per_kept": None, "selection_seconds": None, "setup_seconds": None}
+    if seconds is not None:
+        total = float(np.sum(seconds["selection"]) + np.sum(seconds["train"]))
+        out.update(seconds=total, seconds_per_kept=total / kept, selection_seconds=float(np.sum(seconds["selection"])),
+                   setup_seconds=seconds["setup"])
+    return out
+
+
+FE_KEYS = ("fe", "fe_per_kept", "selection_fe", "setup_fe")
+SECONDS_KEYS = ("seconds", "seconds_per_kept", "selection_seconds", "setup_seconds")
+
+
+def _mean_of(costs, keys):
+    values = {k: [c[k] for c in costs if c[k] is not None] for k in keys}
+    return {k: float(np.mean(v)) if v else None for k, v in values.items()}
+
+
+def cost_summary(records):
+    """Mean LM forward-equivalents of a method's runs (``run_cost``), and the mean cumulative forward-equivalents
+    at each evaluated step (the figure's compute panel); None without recorded costs. Deterministic: the wall
+    times are summarized apart (``seconds_summary``), so results.json stays byte-for-byte reproducible."""
+    costs = [run_cost(r) for r in records]
+    if not costs or any(c is None for c in costs):
+        return None
+    return {**_mean_of(costs, FE_KEYS), "fe_at_steps": np.mean([c["fe_at_steps"] for c in costs], axis=0).tolist()}
+
+
+def seconds_summary(records):
+    """Mean wall times of a method's runs where they were kept (None values where not)."""
+    costs = [run_cost(r) for r in records]
+    return _mean_of([c for c in costs if c is not None], SECONDS_KEYS)
+
+
 def method_summary(records):
     """Final and area-under-curve summaries, the mean +- SE curve, runs, and candidates per kept context."""
     drawn = [d for r in records for d in r["candidates_drawn"]]
     kept = sum(r["batch_size"] * len(r["candidates_drawn"]) for r in records)
-    return {"final_test_ppl": summarize([_final(r) for r in records]),
-            "auc_test_ppl": summarize([_auc(r) for r in records]), "curve": curve_band(records),
-            "runs": len(records), "candidates_per_kept_context": sum(drawn) / kept}
+    out = {"final_test_ppl": summarize([_final(r) for r in records]),
+           "auc_test_ppl": summarize([_auc(r) for r in records]), "curve": curve_band(records),
+           "runs": len(records), "candidates_per_kept_context": sum(drawn) / kept, "cost": cost_summary(records)}
+    if any(name == "final_large" for name, _ in summaries(records)):
+        out["final_test_ppl_large"] = summarize([_final_large(r) for r in records])
+        out["size_final_test_set"] = records[0]["size_final_test_set"]
+    return out
 
 
 def compare_methods(records_by_method, baseline="standard", contrasts=None):
@@ -197,7 +264,7 @@ def compare_methods(records_by_method, baseline="standard", contrasts=None):
         contrasts = [(m, baseline) for m in records_by_method if m != baseline] if out["baseline"] else []
     for a, b in contrasts:
         tests = {}
-        for key, value in (("final", _final), ("auc", _auc)):
+        for key, value in summaries(records_by_method[a] + records_by_method[b]):
             va, vb = [value(r) for r in records_by_method[a]], [value(r) for r in records_by_method[b]]
             pa, pb = paired(runs_by_index(records_by_method[a], va), runs_by_index(records_by_method[b], vb))
             tests[key] = {**compare_samples(va, vb, pa, pb), "paired_mean_difference": summarize(
@@ -230,7 +297,7 @@ def across_pipelines(per_pipeline, contrasts):
     out = {}
     for a, b in contrasts:
         key, entry = f"{a}_vs_{b}", {}
-        for part in ("final", "auc"):
+        for part in [p for p in ("final", "auc", "final_large") if all(p in res["tests"][key] for res in per_pipeline)]:
             means = [res["tests"][key][part]["paired_mean_difference"] for res in per_pipeline]
             diffs = [m["mean"] for m in means if m is not None]
             entry[part] = {"per_pipeline": diffs, "mean": float(np.mean(diffs)) if diffs else None,
@@ -433,8 +500,11 @@ def pipelines_table(results):
     across = results["across_pipelines"]
     if not across:
         return ""
+    large = next((m["size_final_test_set"] for m in results["methods"].values() if "size_final_test_set" in m), None)
     header = ["contrast (a vs b)", "final PPL median, a (all runs)", "each pipeline's mean paired difference a − b",
               "mean ± SE over pipelines", "t-test over pipelines p", "a lower in", "AUC: mean ± SE, p"]
+    if large:
+        header += [f"final PPL on {large} test contexts: each pipeline's", "mean ± SE, p", "a lower in"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, entry in across.items():
         a, _ = key.split("_vs_")
@@ -447,6 +517,12 @@ def pipelines_table(results):
                ", ".join(_signed(v, ".2f") for v in f["per_pipeline"]), mean_se(f), format_p(f["t_test"]["p"]),
                f"{f['lower_in_pipelines']} of {len(f['per_pipeline'])} pipelines",
                f"{mean_se(u)}, p = {format_p(u['t_test']['p'])}"]
+        if large:
+            g = entry.get("final_large")
+            row += ["n/a", "n/a", "n/a"] if g is None else [
+                ", ".join(_signed(v, ".2f") for v in g["per_pipeline"]),
+                f"{mean_se(g)}, p = {format_p(g['t_test']['p'])}",
+                f"{g['lower_in_pipelines']} of {len(g['per_pipeline'])}"]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     spread = results.get("learner_heldout_spread")
@@ -462,6 +538,31 @@ def pipelines_table(results):
     return text + ("\nFinal test PPL unless marked AUC. A pipeline's paired difference is the mean over its runs of "
                    "(a − b) for the same seed and candidate stream; the t-test asks whether the mean over pipelines "
                    "is 0 (two-sided, n = pipelines).\n")
+
+
+def cost_table(results, records):
+    """costs.md: what each method costs per run and per kept context, in LM forward-equivalents (one forward pass
+    over one context = 1; a training step on B contexts = 3B) and in seconds (``records``: {method: {pipeline:
+    [records]}}, whose wall times are kept apart), selection and training together, the one-off setup apart. Empty
+    when the runs recorded no costs."""
+    rows = [(m, s["cost"]) for m, s in results["methods"].items() if s.get("cost")]
+    if not rows:
+        return ""
+    header = ["method", "forward-equivalents per run (of it selection)", "per kept context", "seconds per run",
+              "per kept context", "one-off setup: forward-equivalents, seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m, c in rows:
+        t = seconds_summary([r for recs in records.get(m, {}).values() for r in recs])
+        setup = "—" if not c["setup_fe"] else \
+            f"{c['setup_fe']:,.0f}, " + ("n/a" if t["setup_seconds"] is None else f"{t['setup_seconds']:.0f} s")
+        secs = ("n/a", "n/a") if t["seconds"] is None else (f"{t['seconds']:.1f}", f"{t['seconds_per_kept']:.3f}")
+        lines.append(f"| {m} | {c['fe']:,.0f} ({c['selection_fe']:,.0f}) | {c['fe_per_kept']:.2f} | {secs[0]} | "
+                     f"{secs[1]} | {setup} |")
+    return ("\n".join(lines) + "\n\nMean over runs. Forward-equivalents count LM passes over one context (a training "
+            "step on B contexts = 3B: a forward and a backward); test-set evaluation is the same for every method and "
+            "left out. Seconds: selection and training steps, measured in the run (runs/../run_seconds/). One-off "
+            "setup: IGF's labels (made by the ig_pairs stage, so no seconds here), the reference sample that sets "
+            "a ranked rule's threshold, the conditional model.\n")
 
 
 def markdown_tables(results):

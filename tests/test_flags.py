@@ -116,7 +116,8 @@ def test_size_objective_set_changes_the_ig_measurement(base, tmp_path):
     assert pairs["fingerprint"]["size_objective_set"] == 4 and ref["fingerprint"]["size_objective_set"] == 8
     assert pairs["fingerprint"]["objective"] != ref["fingerprint"]["objective"]
     # the same training contexts, measured against another objective set
-    assert [p["tokens"] for p in pairs["pairs"]] == [p["tokens"] for p in ref["pairs"]]
+    assert [p["context_index"] for p in pairs["pairs"]] == [p["context_index"] for p in ref["pairs"]]
+    assert pairs["fingerprint"]["train"] == ref["fingerprint"]["train"]
     assert pairs["ppl_before"] != ref["ppl_before"]
     assert all(a != b for a, b in zip(ig_values(pairs), ig_values(ref)))
 
@@ -193,11 +194,12 @@ def test_dataset_name_config_and_text_column(config, column, same_text, base, lo
                               text_column=column))
     pairs, ref = load(folder, artifacts.IG_PAIRS), load(out_dir(base), artifacts.IG_PAIRS)
     assert pairs["fingerprint"]["data"] == [local_dataset, config, None]  # no --source_column
-    if same_text:  # the same contexts and information gains as the base run's text files
-        assert [p["tokens"] for p in pairs["pairs"]] == [p["tokens"] for p in ref["pairs"]]
+    if same_text:  # the same contexts (the same pool) and information gains as the base run's text files
+        assert pairs["fingerprint"]["train"] == ref["fingerprint"]["train"]
+        assert [p["context_index"] for p in pairs["pairs"]] == [p["context_index"] for p in ref["pairs"]]
         assert ig_values(pairs) == ig_values(ref) and pairs["ppl_before"] == ref["ppl_before"]
     else:
-        assert [p["tokens"] for p in pairs["pairs"]] != [p["tokens"] for p in ref["pairs"]]
+        assert pairs["fingerprint"]["train"] != ref["fingerprint"]["train"]
 
 
 def test_missing_text_column_is_refused(base, local_dataset, offline, tmp_path, capsys):
@@ -234,7 +236,7 @@ def test_num_ig_pairs_sets_the_pair_count(base, tmp_path):
 def test_ig_optimizer_sgd_differs_from_adam(base, tmp_path):
     pairs, ref = ig_run(base, tmp_path / "sgd", ig_optimizer="sgd"), load(out_dir(base), artifacts.IG_PAIRS)
     assert pairs["fingerprint"]["ig_optimizer"] == "sgd" and ref["fingerprint"]["ig_optimizer"] == "adam"
-    assert [p["tokens"] for p in pairs["pairs"]] == [p["tokens"] for p in ref["pairs"]]
+    assert [p["context_index"] for p in pairs["pairs"]] == [p["context_index"] for p in ref["pairs"]]
     assert pairs["ppl_before"] == ref["ppl_before"]
     assert all(a != b for a, b in zip(ig_values(pairs), ig_values(ref)))
 
@@ -587,7 +589,9 @@ def test_stages_run_one_after_another(base, tmp_path):
 
 def test_preset_study_runs_at_the_papers_label_budget_on_five_independent_pipelines(tmp_path):
     study = parse_args(["--preset", "study", "--output_dir", str(tmp_path / "o")])
-    assert study.finetune.methods == ["standard", "igf_constant", "dsir", "dsir_validation"]
+    assert study.finetune.methods == ["standard", "igf_constant", "dsir", "dsir_validation", "oracle", "oracle_online",
+                                      "igf_refresh", "color", "color_validation", "rho"]
+    assert study.data.size_final_test_set == 1024  # the verdict's larger test sample
     assert (study.run.num_pipelines, study.run.pipeline_streams, study.finetune.num_runs) == (5, "own", 3)
     assert (study.data.size_objective_set, study.ig.num_ig_pairs, study.ig.num_heldout_pairs) == (100, 4000, 500)
     assert study.learner.learner_ensemble == 5 and not study.run.allow_weak_learner  # behind the gate
