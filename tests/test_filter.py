@@ -12,7 +12,7 @@ import torch
 
 import run_clm_igf
 from conftest import ROOT, make_tiny_model, tiny_flags
-from igf import artifacts, filter
+from igf import Learner, artifacts, contexts, filter
 from igf.config import parse_args
 from igf.secondary_learner import predict
 from igf.selection import standardize
@@ -29,7 +29,7 @@ def trained(tiny_model, text_folders, tmp_path_factory):
     cfg = parse_args(argv)
     model, _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
     saved = artifacts.read_torch(os.path.join(folder, artifacts.LEARNER))
-    learner = filter.load_learner(str(folder)).model
+    learner = Learner.from_output_dir(str(folder)).model
     z = standardize(predict(learner, sets.train), saved["scale"]["mean"], saved["scale"]["std"])
     return str(folder), sets, z
 
@@ -97,10 +97,10 @@ def test_jsonl_input_cuts_like_text(trained, text_folders, tmp_path):
 def test_windows_cross_rows_and_skip_empty_ones():
     chunks = [([torch.tensor([1, 2, 3]).numpy(), torch.tensor([], dtype=torch.int32).numpy()], ["r1", "r2"]),
               ([torch.tensor([4, 5]).numpy(), torch.tensor([6, 7, 8, 9, 10]).numpy()], ["r3", "r4"])]
-    out = list(filter.windows(iter(chunks), 4))
-    contexts = torch.cat([c for c, _ in out]).tolist()
+    out = list(contexts.windows(iter(chunks), 4))
+    cut = torch.cat([c for c, _ in out]).tolist()
     origins = [o for _, os_ in out for o in os_]
-    assert contexts == [[1, 2, 3, 4], [5, 6, 7, 8]] and origins == ["r1", "r3"]  # 9, 10: the dropped tail
+    assert cut == [[1, 2, 3, 4], [5, 6, 7, 8]] and origins == ["r1", "r3"]  # 9, 10: the dropped tail
 
 
 def expect_error(capsys, argv, *fragments):

@@ -115,7 +115,7 @@ def test_the_driver_writes_the_folder_only_when_missing_or_stale(trained, text_f
     assert "wrote the learner folder" in capsys.readouterr().out
     assert open(os.path.join(folder_of(copy), WEIGHTS), "rb").read() != weights
     assert np.array_equal(Learner.from_pretrained(folder_of(copy)).model.trainable_state()["members.0.conv.bias"],
-                          filter.load_learner(str(copy), model_name_or_path=lm).model.trainable_state()[
+                          Learner.from_output_dir(str(copy), model_name_or_path=lm).model.trainable_state()[
                               "members.0.conv.bias"])
 
 
@@ -133,7 +133,7 @@ def test_altered_weights_or_a_swapped_tokenizer_are_refused(trained, tmp_path, c
     tensors = load_file(os.path.join(edited, WEIGHTS))
     tensors["members.1.conv.bias"][0] += 1e-3
     save_file(tensors, os.path.join(edited, WEIGHTS))
-    one_error_line(capsys, [edited, *argv], "does not hold the weights recorded in its config.json")
+    one_error_line(capsys, [edited, *argv], "does not hold the config.json and weights recorded in its config.json")
     with pytest.raises(IGFError, match="altered or damaged"):
         Learner.from_pretrained(edited)
     # one byte of the tensors' data flipped in place
@@ -143,7 +143,7 @@ def test_altered_weights_or_a_swapped_tokenizer_are_refused(trained, tmp_path, c
         byte = fh.read(1)
         fh.seek(-5, os.SEEK_END)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    one_error_line(capsys, [flipped, *argv], "does not hold the weights")
+    one_error_line(capsys, [flipped, *argv], "altered or damaged")
     # another tokenizer in its place: the same words, other ids
     swapped = shutil.copytree(folder_of(out), tmp_path / "swapped")
     words = sorted(json.load(open(os.path.join(swapped, "tokenizer.json")))["model"]["vocab"], reverse=True)
@@ -211,11 +211,10 @@ def test_the_filter_applies_the_gate(trained, tmp_path, capsys):
     corpus.write_text("".join(lines))
     argv = ["--input", corpus, "--output", tmp_path / "k.jsonl"]
 
-    def with_metrics(name, metrics):  # the metrics are not in the weights' hash: the folder still loads
-        folder = shutil.copytree(folder_of(out), tmp_path / name)
-        config = json.load(open(os.path.join(folder, CONFIG)))
-        artifacts.write_json(os.path.join(folder, CONFIG), {**config, "metrics": metrics})
-        return folder
+    def with_metrics(name, metrics):  # a folder saved with these metrics (its hash covers them)
+        learner = Learner.from_pretrained(folder_of(out))
+        learner.config = {**learner.config, "metrics": metrics}
+        return learner.save_pretrained(str(tmp_path / name))
 
     weak = with_metrics("weak", {"n_heldout": 16, "heldout_spearman": 0.1, "heldout_spearman_ci": [-0.4, 0.55]})
     assert gate_refusal(Learner.from_pretrained(weak).metrics, "it")
