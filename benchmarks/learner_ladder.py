@@ -16,7 +16,10 @@ and the pipeline), the best epoch, and what the learners keep from the training 
 (predicted IG above the pool's mean): one source group's share (``--group``, the King James Bible's by default)
 and the Jaccard overlap of two learners' kept pools (two seeds, or two independent ensembles). Needs no LM: the
 embedding table and tokenizer come from the study's learner folder, the pool from its data. Every learner's
-numbers go to ``--output`` as they are measured, so an interrupted ladder resumes where it stopped.
+numbers go to ``--output`` as they are measured, so an interrupted ladder resumes where it stopped; a record is
+reused only for the rung, ``--epochs``, ``--patience`` and the labels it was made from (a hash of the study's and
+``--objective32``'s label files), so another setting or study folder trains anew and the table shows only records
+of the current ones.
 """
 import argparse
 import base64
