@@ -368,8 +368,8 @@ def config_problem(config):
         if key.startswith("n_") and not _number(value, 0, integer=True):
             return f"metrics.{key} must be a count, got {value!r}"
     pool = config.get("pool") or {}
-    if pool and not (_number(pool.get("acceptance_at_zero"), 0, 1) and _number(pool.get("contexts"), 0,
-                                                                               integer=True)):
+    if pool and not (isinstance(pool, dict) and _number(pool.get("acceptance_at_zero"), 0, 1) and
+                     _number(pool.get("contexts"), 0, integer=True)):
         return f"pool must hold a count of contexts and an acceptance in [0, 1], got {pool!r}"
     return None
 
@@ -386,8 +386,11 @@ def read_config(folder):
         raise IGFError(f"{folder} is not a learner folder (no {CONFIG} marked \"igf_kind\": \"{KIND}\"){hint}")
     config = artifacts.read_json(path)
     version = config.get("format", 0)
-    if not _number(version, integer=True) or version > FORMAT:
-        raise IGFError(f"{folder} is a learner folder of format {version!r}, newer than this version reads "
+    if not _number(version, integer=True):
+        raise IGFError(f"{folder} is a learner folder of an unknown format {version!r} (this version reads "
+                       f"{FORMAT}): it was edited or damaged")
+    if version > FORMAT:
+        raise IGFError(f"{folder} is a learner folder of format {version}, newer than this version reads "
                        f"({FORMAT}); update igf")
     if version < FORMAT:
         raise IGFError(f"{folder} is a learner folder of format {version} (its hash does not cover config.json); "
