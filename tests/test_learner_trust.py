@@ -81,6 +81,10 @@ def test_an_edited_config_is_damaged_like_an_edited_weight(trained, tmp_path, ca
     ({"metrics.n_heldout": -1}, "metrics.n_heldout must be a count"),
     ({"standardize": "yes"}, "standardize must be true or false"),
     ({"pool.acceptance_at_zero": 1.5}, "pool must hold"),
+    ({"pool": [1]}, "pool must hold"),
+    ({"metrics": [1]}, "metrics must be an object"),
+    ({"architecture": [1]}, "architecture is missing"),
+    ({"built_on": None}, "built_on must name"),
 ])
 def test_every_value_is_range_checked(change, fragment, trained, tmp_path, capsys):
     folder, corpus, _ = trained
