@@ -556,7 +556,8 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
     folder = pipe.path(artifacts.LEARNER_FOLDER)
     standardized = cfg.finetune.standardize_scores
     source = {"fingerprint": sha(fingerprint), "trained_weights": pipe.learner_fp}
-    if is_fresh(folder, source) and read_config(folder).get("standardize") == standardized:
+    if is_fresh(folder, source) and artifacts.read_json(os.path.join(folder, CONFIG)).get("standardize") == \
+            standardized:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(assets.resolve_model_path(cfg.data.model_name_or_path,
                                                                         cfg.data.cache_dir))
