@@ -177,3 +177,17 @@ def test_the_scale_igf_used_is_recorded_and_honoured(trained, tmp_path):
     artifacts.write_json(os.path.join(bare, artifacts.CONFIG), {"data": {}, "ig": {}, "learner": {}, "run": {},
                                                                 "finetune": {"standardize_scores": False}})
     assert np.array_equal(Learner.from_output_dir(str(bare)).score(lines), got)
+
+
+def test_the_driver_rewrites_the_folder_for_another_standardize_scores(trained, text_folders, tmp_path, capsys):
+    _, _, out = trained
+    copy = shutil.copytree(out, tmp_path / "out")
+    argv = tiny_flags(os.path.join(os.path.dirname(out), "lm"), text_folders, copy) + ["--stages", "ig_pairs",
+                                                                                      "learner"]
+    capsys.readouterr()
+    assert run_clm_igf.main(argv + ["--no-standardize_scores"]) == 0  # the same: nothing written
+    assert "wrote the learner folder" not in capsys.readouterr().out
+    assert run_clm_igf.main(argv + ["--standardize_scores"]) == 0
+    assert "wrote the learner folder" in capsys.readouterr().out
+    learner = Learner.from_pretrained(os.path.join(copy, artifacts.LEARNER_FOLDER))
+    assert learner.standardized and learner.config["standardize"] is True
