@@ -57,7 +57,7 @@ from .contexts import ROWS_PER_CHUNK, dataset_rows, file_rows, tokenized_chunks,
 from .distributed import Launch
 from .errors import IGFError
 from .learner import Learner, is_learner_folder
-from .paths import same_path, touches, within
+from .paths import same_path, touches
 
 
 def load_learner(args):
@@ -100,9 +100,9 @@ def check_outputs(args):
         for other_flag, other in outputs[:i]:
             if same_path(path, other):
                 raise IGFError(f"{flag} {path} is the same file as {other_flag} {other}; give two paths")
-        if args.input and os.path.isdir(args.input) and within(path, args.input):
-            raise IGFError(f"{flag} {path} lies inside the --input folder {args.input} (the next run would read "
-                           "it as input); write it elsewhere")
+        if args.input and os.path.isdir(args.input) and touches(path, args.input):
+            raise IGFError(f"{flag} {path} lies inside the --input folder {args.input} (or is another name of one of "
+                           "its files; the next run would read it as input); write it elsewhere")
         if args.input and same_path(path, args.input):
             raise IGFError(f"{flag} {path} is the --input file; write it elsewhere")
         if learner_folder and touches(path, folder):

@@ -24,18 +24,22 @@ def corpus(text_folders, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["output is input", "scores is input", "output is scores", "output in input",
-                                  "scores in input subfolder", "output is input via symlink"])
+                                  "scores in input subfolder", "output is input via symlink",
+                                  "output is a file of the input folder via hard link"])
 def test_filter_refuses_to_overwrite_its_input(case, corpus, tmp_path, capsys):
     file = os.path.join(corpus, "style_a.txt")
     kept, link = tmp_path / "kept.jsonl", tmp_path / "link.txt"
     os.symlink(file, link)
+    hard = tmp_path / "hard.txt"
+    os.link(file, hard)
     argv = {"output is input": ["--input", file, "--output", file],
             "scores is input": ["--input", file, "--output", kept, "--scores", file],
             "output is scores": ["--input", file, "--output", kept, "--scores", tmp_path / "." / "kept.jsonl"],
             "output in input": ["--input", corpus, "--output", os.path.join(corpus, "kept.jsonl")],
             "scores in input subfolder": ["--input", corpus, "--output", kept, "--scores",
                                           os.path.join(corpus, "new", "s.jsonl")],
-            "output is input via symlink": ["--input", file, "--output", link]}[case]
+            "output is input via symlink": ["--input", file, "--output", link],
+            "output is a file of the input folder via hard link": ["--input", corpus, "--output", hard]}[case]
     before = snapshot(corpus)
     # no learner in this folder: the refusal comes before the learner (or anything else) is loaded
     expect_error(capsys, [tmp_path / "no_learner", *argv], "write it elsewhere" if "input" in case else "two paths")
