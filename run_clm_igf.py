@@ -14,6 +14,7 @@ command is run again, so an interrupted run resumes where it stopped. The traine
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -214,6 +215,30 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
 
 # ----------------------------------------------------------------------------- 5) statistics and figure
 
+DESIGN = {"finetune": ("methods", "num_runs"), "run": ("num_pipelines", "pipeline_streams")}  # what the runs are
+
+
+def saved_design(cfg):
+    """``cfg`` with the design of the run saved in its output folder (its config.json: methods, runs, pipelines,
+    candidate streams), so that redrawing (--plot_only) arranges the runs as they were made; ``cfg`` itself when
+    the folder holds no configuration (the runs are then checked against the command line's design)."""
+    path = os.path.join(cfg.run.output_dir, artifacts.CONFIG)
+    if not artifacts.is_run_config(path):
+        return cfg
+    saved, changes, notes = artifacts.read_json(path), {}, []
+    for section_name, keys in DESIGN.items():
+        # a folder from before --pipeline_streams shared its standard runs across pipelines
+        old = {"pipeline_streams": "shared"}
+        values = {k: saved[section_name].get(k, old.get(k)) for k in keys}
+        current = getattr(cfg, section_name)
+        notes += [f"--{k} {v if not isinstance(v, list) else ' '.join(v)}" for k, v in values.items()
+                  if v != getattr(current, k)]
+        changes[section_name] = replace(current, **values)
+    if notes:
+        print(f"  the saved run's design (config.json), not the command line's: {', '.join(notes)}", flush=True)
+    return replace(cfg, **changes)
+
+
 def run_statistics_and_plot(cfg, contexts=None):
     """Statistics, tables, the figure and the selection report, from the saved runs alone (and ``contexts``,
     the comparison sets of contexts.json, else read from the output folder)."""
@@ -326,8 +351,8 @@ def run_stages(cfg: Config, launch):
             timings["finetune"] = time.perf_counter() - t
     results = None
     if "plot" in stages and launch.is_main:
-        # 5) statistics and figure, from the saved runs alone
-        results = run_statistics_and_plot(cfg, contexts)
+        # 5) statistics and figure, from the saved runs alone (a redraw: as the saved run's design arranges them)
+        results = run_statistics_and_plot(saved_design(cfg) if stages == ["plot"] else cfg, contexts)
     timings["total"] = time.perf_counter() - start
     timings.update(launch.describe())
     # written only after every stage succeeded, so a refused or failed invocation leaves the directory as it was

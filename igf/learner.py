@@ -2,9 +2,10 @@
 loaded: the paper's proposal (score a corpus once, keep what is informative for the objective set), made concrete.
 
     <folder>/config.json         everything that rebuilds it, nothing machine-specific: architecture and ensemble
-                                 size, context length, the pool's z scale, the LM (name, weights hash) and tokenizer
-                                 (hash) it was built on, the label settings, its held-out quality, the pool's
-                                 acceptance at z >= 0, and the hash of its weights
+                                 size, context length, the pool's z scale and whether IGF standardized its scores
+                                 (``standardize``), the LM (name, weights hash) and tokenizer (hash) it was built
+                                 on, the label settings, its held-out quality, the pool's acceptance at z >= 0, and
+                                 ``content_sha``: one hash of the rest of config.json and of the tensors
     <folder>/model.safetensors   the trained weights and the frozen input tables they read (the LM's input embedding
                                  copy ``embed.weight``, the token features ``features.weight`` if any), stored once
                                  for every ensemble member
@@ -17,31 +18,47 @@ loaded: the paper's proposal (score a corpus once, keep what is informative for 
     ds = ds.map(learner.score_rows, batched=True).filter(lambda r: r["igf_score"] >= 0)  # one score per row
 
 The driver writes ``<pipeline folder>/learner/`` after the learner stage (``save_learner_folder``); the filter
-(``python -m igf.filter``) takes such a folder as well as an output folder, through this class. Loading reads only
-the folder (JSON and safetensors, no pickle) and refuses, in one line, weights or a tokenizer whose hash is not the
-one recorded in config.json.
+(``python -m igf.filter``) takes such a folder, or an output folder (``Learner.from_output_dir``), through this
+class. Loading reads only the folder (JSON and safetensors, no pickle) and refuses, in one line: a config value out
+of range (a NaN or zero scale, a context length under 2, ...), tensors whose shapes are not the architecture its
+config.json names (checked from the file's header, before anything is allocated), a config.json or weights whose
+hash is not the recorded ``content_sha`` (an edited ``metrics`` or ``scale`` is as damaged as an edited weight), a
+tokenizer whose hash is not the recorded one. ``save_pretrained`` replaces only a learner folder (or an empty one).
 """
 import json
 import math
 import os
 import time
 import types
+import warnings
 
 import numpy as np
 import torch
 
 from . import artifacts
-from .artifacts import sha
+from .artifacts import sha, trained_sha
 from .config import EMBEDDED_BOOKS
+from .contexts import as_lines, tokenize_rows, tokenized_chunks, windows
 from .errors import IGFError
-from .filter import SCORE_BATCH, tokenized_chunks, windows, z_scores
-from .secondary_learner import LearnerEnsemble, SecondaryLearner, describe_quality, predict
+from .secondary_learner import (
+    POOLINGS,
+    LearnerEnsemble,
+    SecondaryLearner,
+    describe_quality,
+    gate_refusal,
+    load_saved_learner,
+    predict,
+)
 from .selection import acceptance_rate, standardize
 
 KIND = "igf-secondary-learner"  # config.json's "igf_kind": what marks a folder as a learner folder
-FORMAT = 1  # of the folder's layout; a newer one is refused
+FORMAT = 2  # of the folder's layout (2: content_sha covers config.json too, standardize recorded); others refused
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
+# what save_pretrained writes besides the tokenizer's files: a folder holding anything else is not replaced
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "vocab.txt", "tokenizer.model")
 SCORE_COLUMN = "igf_score"  # the column score_rows adds
+SCORE_BATCH = 4096  # contexts scored at once
 ALONE = types.SimpleNamespace(num_processes=1, rank=0)  # a library call scores its texts in this process
 
 
@@ -56,9 +73,21 @@ def is_learner_folder(folder):
     return isinstance(config, dict) and config.get("igf_kind") == KIND
 
 
-def trained_sha(state):
-    """Hash of a learner's trained weights (its ``trainable_state``), as the run fingerprints record it."""
-    return sha(torch.cat([v.detach().flatten() for v in state.values()]))
+def is_replaceable_folder(folder):
+    """Whether ``folder`` is a learner folder holding nothing but what ``save_pretrained`` writes (what it may
+    replace: a learner folder the user added files to is theirs)."""
+    if not is_learner_folder(folder):
+        return False
+    written = set(artifacts.read_json(os.path.join(folder, CONFIG)).get("files") or ()) | {CONFIG, WEIGHTS, CARD,
+                                                                                           *TOKENIZER_FILES}
+    return all(name in written and os.path.isfile(os.path.join(folder, name)) for name in os.listdir(folder))
+
+
+def content_sha(config, tensors):
+    """The hash that makes a folder trusted for what it says: config.json's canonical JSON (without this hash)
+    together with the tensors' names, dtypes, shapes and bytes."""
+    return sha({"config": {k: v for k, v in config.items() if k != "content_sha"},
+                "tensors": artifacts.tensors_sha(tensors)})
 
 
 def architecture(model):
@@ -84,13 +113,17 @@ class Learner:
     """A trained secondary learner with what scoring text needs: its tokenizer, context length and the training
     pool's z scale. ``score`` and ``score_rows`` cut text as the filter does; ``quality`` says whether to trust it."""
 
-    def __init__(self, model, tokenizer, config, source=None):
+    def __init__(self, model, tokenizer, config, source=None, files=()):
         self.model = model.eval()
         self.tokenizer, self.config = tokenizer, config
         self.source = source  # where it was loaded from (the filter names it)
+        self.files = list(files)  # every file or folder loading read (the filter never writes over one)
         self.context_len = config["context_len"]
         self.mean, self.std = config["scale"]["mean"], config["scale"]["std"]
-        self._tables = None
+        # IGF's scale: z-scores on the pool's scale, or raw predictions when it ran with --no-standardize_scores
+        self.standardized = config.get("standardize", True)
+        self._tables, self._warned = None, False
+        self.load_seconds = 0.0
 
     @property
     def tables(self):
@@ -110,11 +143,16 @@ class Learner:
         """One phrase: 'held-out Spearman 0.25 (95 % CI 0.16 to 0.33, n = 500 held-out labels)'."""
         return describe_quality(self.metrics)
 
+    def gate_refusal(self):
+        """None when it passes the driver's gate (held-out Spearman CI above 0), else the line that refuses it."""
+        return gate_refusal(self.metrics, f"the secondary learner of {self.source or 'this Learner'}")
+
     def describe(self):
         arch = self.config.get("architecture") or architecture(self.model)
         members = "one learner" if arch["ensemble"] == 1 else f"an ensemble of {arch['ensemble']} learners"
+        scale = "" if self.standardized else "; raw predicted IG (IGF ran with --no-standardize_scores)"
         return f"{members} for {self.config['built_on']['model']}, contexts of {self.context_len} tokens; " \
-               f"{self.quality}"
+               f"{self.quality}{scale}"
 
     # ------------------------------------------------------------------------- loading and saving
 
@@ -127,14 +165,16 @@ class Learner:
         start = time.perf_counter()
         config = read_config(folder)
         path = os.path.join(folder, WEIGHTS)
+        check_shapes(path, config)  # from the file's header: nothing is allocated for a file of another network
         try:
             tensors = load_file(path)
         except Exception as e:  # a missing, truncated or foreign file: safetensors raises several types
             raise IGFError(f"cannot read the learner's weights {path} ({e.__class__.__name__})") from None
-        got = artifacts.tensors_sha(tensors)
-        if got != config.get("weights_sha"):
-            raise IGFError(f"{path} does not hold the weights recorded in its config.json (hash {got}, recorded "
-                           f"{config.get('weights_sha')}): it was altered or damaged; use the folder as it was saved")
+        got = content_sha(config, tensors)
+        if got != config.get("content_sha"):
+            raise IGFError(f"{folder} does not hold the config.json and weights recorded in its config.json (hash "
+                           f"{got}, recorded {config.get('content_sha')}): it was altered or damaged; use the "
+                           "folder as it was saved")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:
@@ -144,38 +184,88 @@ class Learner:
         if artifacts.tokenizer_sha(tokenizer) != recorded:
             raise IGFError(f"the tokenizer in {folder} (hash {artifacts.tokenizer_sha(tokenizer)}) is not the one "
                            f"the learner was built with (hash {recorded}); put back the folder's tokenizer files")
-        learner = cls(rebuild(tensors, config, folder), tokenizer, config, source=folder)
+        learner = cls(rebuild(tensors, config, folder), tokenizer, config, source=folder, files=[folder])
         learner.tables  # noqa: B018 (built now: loading is what makes it ready to score)
+        learner.load_seconds = time.perf_counter() - start
+        return learner
+
+    @classmethod
+    def from_output_dir(cls, output_dir, pipeline=0, model_name_or_path=None, cache_dir=None):
+        """The learner of the run in the output folder ``output_dir`` (pipeline ``pipeline``): its learner folder
+        (``<pipeline folder>/learner``) when that was written for this learner file, else the learner file on the
+        LM it was built on (or ``model_name_or_path``, refused unless it has the same weights and tokenizer)."""
+        from . import assets
+
+        start = time.perf_counter()
+        path = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER)
+        if not os.path.exists(path):
+            raise IGFError(f"{path} not found: train a learner first (python run_clm_igf.py --output_dir "
+                           f"{output_dir} --stages ig_pairs learner)")
+        saved = artifacts.read_torch(path)
+        if not isinstance(saved, dict) or not {"state", "arch"} <= set(saved):
+            raise IGFError(f"{path} is not a secondary learner file")
+        built_on = saved.get("built_on")
+        if built_on is None:
+            raise IGFError(f"{path} does not record the LM it was built on (made by an older version); retrain it "
+                           f"with python run_clm_igf.py --output_dir {output_dir} --stages learner")
+        folder = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER_FOLDER)
+        if model_name_or_path is None and is_fresh(folder, {"fingerprint": sha(saved.get("fingerprint")),
+                                                            "trained_weights": trained_sha(saved["state"])}):
+            learner = cls.from_pretrained(folder)  # the same weights, without loading the LM
+            learner.files.append(path)
+            return learner
+        name = model_name_or_path or built_on["model"]["model"]
+        lm_path = assets.resolve_model_path(name, cache_dir)
+        model, tokenizer = assets.load_pretrained(lm_path, torch.float32)
+        weights = artifacts.weights_sha(model)
+        if weights != built_on["model"]["weights"]:
+            raise IGFError(f"the learner in {path} was built on {built_on['model']['model']!r} (weights "
+                           f"{built_on['model']['weights']}), not on {name!r} (weights {weights}); use its LM")
+        if artifacts.tokenizer_sha(tokenizer) != built_on["tokenizer"]:
+            raise IGFError(f"the learner in {path} was built with another tokenizer than {name!r}'s")
+        model = load_saved_learner(path, saved, model.get_input_embeddings().weight)  # its own copy: the LM goes
+        config = {"context_len": built_on["context_len"], "scale": saved["scale"], "metrics": saved.get("metrics"),
+                  "built_on": {"model": name, "weights": weights, "tokenizer": built_on["tokenizer"]},
+                  "standardize": run_standardized(output_dir)}
+        files = [path] + ([lm_path] if os.path.isdir(lm_path) else [])
+        learner = cls(model, tokenizer, config, source=path, files=files)
+        learner.tables  # noqa: B018 (built now, as from_pretrained does)
         learner.load_seconds = time.perf_counter() - start
         return learner
 
     def save_pretrained(self, folder):
         """Write config.json, model.safetensors, the tokenizer files and README.md to ``folder``, through a
-        temporary folder beside it (never a half-written learner; an existing folder is replaced)."""
+        temporary folder beside it (never a half-written learner). Only a missing or empty folder, or a learner
+        folder holding nothing else, is replaced; any other (the user's files, the working directory, a file) is
+        refused in one line."""
         from safetensors.torch import save
 
         tensors = folder_tensors(self.model)
-        config = {**self.config, "igf_kind": KIND, "format": FORMAT, "architecture": architecture(self.model),
-                  "weights_sha": artifacts.tensors_sha(tensors)}
-        with artifacts.new_folder(folder, "the learner") as tmp:
+        with artifacts.new_folder(folder, "the learner", is_own=is_replaceable_folder) as tmp:
             with open(os.path.join(tmp, WEIGHTS), "wb") as fh:  # open, not save_file: the umask's permissions
                 fh.write(save(tensors, metadata={"format": "pt"}))
             self.tokenizer.save_pretrained(tmp)
+            files = sorted(set(os.listdir(tmp)) | {CONFIG, CARD})
+            config = {**{k: v for k, v in self.config.items() if k not in ("weights_sha", "content_sha")},
+                      "igf_kind": KIND, "format": FORMAT, "architecture": architecture(self.model),
+                      "standardize": self.standardized, "files": files}
+            config["content_sha"] = content_sha(config, tensors)
             # after the tokenizer: its save_pretrained must not leave its own config.json in our place
             artifacts.write_json(os.path.join(tmp, CONFIG), config)
             artifacts.write_text(os.path.join(tmp, CARD), learner_card(config, os.path.basename(
                 os.path.abspath(folder))))
-        self.config, self.source = config, folder
+        self.config, self.source, self.files = config, folder, [folder]
         return folder
 
     # ------------------------------------------------------------------------- scoring
 
     def z_scores(self, contexts):
-        """z-scored predicted IG of token windows (N, T) -> (N,) float32, in blocks of SCORE_BATCH contexts."""
+        """IGF's score of token windows (N, T) -> (N,) float32, in blocks of SCORE_BATCH contexts: predicted IG on
+        the pool's z scale (``selection.standardize``), or raw when IGF ran with --no-standardize_scores."""
         if len(contexts) == 0:
             return torch.zeros(0)
-        return torch.cat([z_scores(self.model, self.tables, c, self.mean, self.std)
-                          for c in contexts.split(SCORE_BATCH)])
+        scores = torch.cat([self.model.scores(c, self.tables) for c in contexts.split(SCORE_BATCH)])
+        return standardize(scores, self.mean, self.std) if self.standardized else scores
 
     def contexts(self, rows, launch=ALONE, rows_per_chunk=None):
         """(contexts (n, T), origins) per chunk of ``rows`` (an iterable of (text, origin)): each row tokenized
@@ -183,11 +273,23 @@ class Learner:
         extra = {} if rows_per_chunk is None else {"rows_per_chunk": rows_per_chunk}
         yield from windows(tokenized_chunks(rows, self.tokenizer, launch, **extra), self.context_len)
 
+    def _warn_if_weak(self):
+        refusal = self.gate_refusal()
+        if refusal and not self._warned:  # once per learner: a loop over batches is not a wall of warnings
+            warnings.warn(refusal.split(", so IGF will not use it")[0] + ": its scores may rank no better than "
+                          "chance", stacklevel=3)
+        self._warned = True
+
     def score(self, texts):
-        """z-scores (float32 numpy, one per context) of ``texts`` cut exactly as ``python -m igf.filter`` cuts a
-        file whose lines they are: each text is one line (a text with line breaks in it, several), each line
-        tokenized on its own, all lines' tokens concatenated and cut into windows of ``context_len`` tokens from
-        the start (the tail shorter than a window is dropped). The same numbers as the filter's ``--scores``."""
+        """z-scores (float32 numpy, one per context) of ``texts`` (a list or other iterable of strings; a bare
+        str is refused, since iterating it would score each character as a line) cut exactly as
+        ``python -m igf.filter`` cuts a file whose lines they are: each text is one line (a text with line breaks
+        in it, several), each line tokenized on its own, all lines' tokens concatenated and cut into windows of
+        ``context_len`` tokens from the start (the tail shorter than a window is dropped). The same numbers as the
+        filter's ``--scores``. Warns once when the learner fails the driver's gate."""
+        if isinstance(texts, (str, bytes)):
+            raise IGFError("Learner.score takes a list of texts, not one string: pass [text]")
+        self._warn_if_weak()
         z = [self.z_scores(c).numpy() for c, _ in self.contexts((line, None) for line in as_lines(texts))]
         return np.concatenate(z).astype(np.float32) if z else np.zeros(0, dtype=np.float32)
 
@@ -202,7 +304,8 @@ class Learner:
         texts = batch[text_field]
         if not texts:
             return {SCORE_COLUMN: []}
-        (ids, _), = tokenized_chunks([(t, None) for t in texts], self.tokenizer, ALONE, rows_per_chunk=len(texts) + 1)
+        self._warn_if_weak()
+        ids = tokenize_rows(list(texts), self.tokenizer)
         n = [len(x) // self.context_len for x in ids]
         cut = [x[: k * self.context_len].reshape(k, self.context_len) for x, k in zip(ids, n) if k]
         z = self.z_scores(torch.as_tensor(np.concatenate(cut), dtype=torch.int64)).double() if cut else None
@@ -213,18 +316,67 @@ class Learner:
         return {SCORE_COLUMN: scores}
 
 
-def as_lines(texts):
-    """The lines of a file whose lines are ``texts``, as the filter reads them (``igf.data.read_lines``): universal
-    newlines become "\\n", every line ends with one, a text with line breaks in it is several lines."""
-    for text in texts:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if not text.endswith("\n"):
-            text += "\n"
-        yield from (line + "\n" for line in text[:-1].split("\n"))
+def run_standardized(output_dir):
+    """Whether the run in ``output_dir`` standardized its scores (its config.json; True, the default, without)."""
+    path = os.path.join(output_dir, artifacts.CONFIG)
+    if not artifacts.is_run_config(path):
+        return True
+    return bool(artifacts.read_json(path)["finetune"].get("standardize_scores", True))
+
+
+# ----------------------------------------------------------------------------- what a folder says, checked
+
+
+def _number(value, low=-math.inf, high=math.inf, integer=False, open_low=False):
+    """Whether ``value`` is a finite number (an int, with ``integer``) in [low, high] (low excluded: ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
+
+
+def config_problem(config):
+    """None when every value of a learner folder's config.json is in range, else what is wrong (one phrase)."""
+    scale, arch, built = config.get("scale"), config.get("architecture"), config.get("built_on")
+    if not _number(config.get("context_len"), 2, integer=True):
+        return f"context_len must be an integer >= 2, got {config.get('context_len')!r}"
+    if not isinstance(scale, dict) or not _number(scale.get("mean")) or not _number(scale.get("std"), 0,
+                                                                                    open_low=True):
+        return f"scale must hold a finite mean and a finite std > 0, got {scale!r}"
+    if not isinstance(config.get("standardize", True), bool):
+        return f"standardize must be true or false, got {config.get('standardize')!r}"
+    if not isinstance(arch, dict):
+        return "architecture is missing"
+    for key in ("channels", "kernel_size", "hidden", "ensemble", "vocab_size", "embedding_dim"):
+        if not _number(arch.get(key), 1, integer=True):
+            return f"architecture.{key} must be a positive integer, got {arch.get(key)!r}"
+    if not _number(arch.get("token_features"), 0, integer=True):
+        return f"architecture.token_features must be an integer >= 0, got {arch.get('token_features')!r}"
+    if not _number(arch.get("dropout"), 0, 1) or arch["dropout"] == 1:
+        return f"architecture.dropout must lie in [0, 1), got {arch.get('dropout')!r}"
+    if arch.get("pooling") not in POOLINGS:
+        return f"architecture.pooling must be one of {', '.join(POOLINGS)}, got {arch.get('pooling')!r}"
+    if not isinstance(built, dict) or not all(isinstance(built.get(k), str) for k in ("model", "weights",
+                                                                                       "tokenizer")):
+        return "built_on must name the model, its weights hash and the tokenizer hash"
+    metrics = config.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        return f"metrics must be an object, got {metrics!r}"
+    for key, value in metrics.items():  # what the gate and the card read
+        values = value if key.endswith("_ci") and isinstance(value, list) else [value]
+        if key.endswith(("spearman", "pearson", "_ci")) and not all(v is None or _number(v, -1, 1) for v in values):
+            return f"metrics.{key} must be a correlation in [-1, 1], got {value!r}"
+        if key.startswith("n_") and not _number(value, 0, integer=True):
+            return f"metrics.{key} must be a count, got {value!r}"
+    pool = config.get("pool") or {}
+    if pool and not (isinstance(pool, dict) and _number(pool.get("acceptance_at_zero"), 0, 1) and
+                     _number(pool.get("contexts"), 0, integer=True)):
+        return f"pool must hold a count of contexts and an acceptance in [0, 1], got {pool!r}"
+    return None
 
 
 def read_config(folder):
-    """A learner folder's config.json, refused in one line unless it is one (of a format this version reads)."""
+    """A learner folder's config.json, refused in one line unless it is one (of the format this version reads),
+    complete, with every value in range."""
     path = os.path.join(folder, CONFIG)
     if not os.path.isdir(folder):
         raise IGFError(f"learner folder not found: {folder}")
@@ -233,17 +385,76 @@ def read_config(folder):
         hint = f"; its learner folder is {inside}" if is_learner_folder(inside) else ""
         raise IGFError(f"{folder} is not a learner folder (no {CONFIG} marked \"igf_kind\": \"{KIND}\"){hint}")
     config = artifacts.read_json(path)
-    missing = {"context_len", "scale", "built_on", "architecture", "weights_sha"} - set(config)
+    version = config.get("format", 0)
+    if not _number(version, integer=True):
+        raise IGFError(f"{folder} is a learner folder of an unknown format {version!r} (this version reads "
+                       f"{FORMAT}): it was edited or damaged")
+    if version > FORMAT:
+        raise IGFError(f"{folder} is a learner folder of format {version}, newer than this version reads "
+                       f"({FORMAT}); update igf")
+    if version < FORMAT:
+        raise IGFError(f"{folder} is a learner folder of format {version} (its hash does not cover config.json); "
+                       "write it again with this version (python run_clm_igf.py --output_dir ... --stages learner "
+                       "rewrites it)")
+    missing = {"context_len", "scale", "built_on", "architecture", "content_sha"} - set(config)
     if missing:
         raise IGFError(f"{path} lacks {', '.join(sorted(missing))}: not a complete learner folder")
-    if config.get("format", 0) > FORMAT:
-        raise IGFError(f"{folder} is a learner folder of format {config['format']}, newer than this version reads "
-                       f"({FORMAT}); update igf")
+    problem = config_problem(config)
+    if problem:
+        raise IGFError(f"{path} is damaged or was edited: {problem}")
     return config
 
 
+def shapes_architecture(shapes):
+    """The architecture (``architecture``'s keys but dropout) that tensors of these shapes ({name: shape}) are,
+    read from the shapes alone; None for tensors that are not a learner's."""
+    try:
+        vocab, dim = shapes["embed.weight"]
+        features = shapes["features.weight"][1] if "features.weight" in shapes else 0
+        members = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("members.")})
+        prefixes = [f"members.{i}." for i in members] if members else [""]
+        if members and members != list(range(len(members))):
+            return None
+        found = []
+        for prefix in prefixes:
+            channels, width, kernel = shapes[prefix + "conv.weight"]
+            hidden, pooled = shapes[prefix + "head.0.weight"]
+            pooling = {channels: "max", 2 * channels: "mean_max"}.get(pooled)
+            if width != dim + features or shapes[prefix + "head.3.weight"] != [1, hidden] or pooling is None:
+                return None
+            found.append({"channels": channels, "kernel_size": kernel, "hidden": hidden, "pooling": pooling})
+    except (KeyError, ValueError, TypeError):
+        return None
+    if any(f != found[0] for f in found):
+        return None
+    return {**found[0], "ensemble": len(prefixes), "vocab_size": vocab, "embedding_dim": dim,
+            "token_features": features}
+
+
+def check_shapes(path, config):
+    """Refuse, from the safetensors header alone (nothing loaded), tensors that are not the network config.json
+    names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            shapes = {name: list(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    except Exception as e:  # a missing, truncated or foreign file: safetensors raises several types
+        raise IGFError(f"cannot read the learner's weights {path} ({e.__class__.__name__})") from None
+    found = shapes_architecture(shapes)
+    if found is None:
+        raise IGFError(f"{path} does not hold a secondary learner's tensors (names or shapes of another network)")
+    wanted = {k: v for k, v in config["architecture"].items() if k != "dropout"}
+    differ = [f"{k} {found[k]} in the weights, {wanted.get(k)} in config.json" for k in found if found[k] !=
+              wanted.get(k)]
+    if differ:
+        raise IGFError(f"the weights in {os.path.dirname(path) or '.'} do not fit its config.json: "
+                       f"{'; '.join(differ)}")
+
+
 def rebuild(tensors, config, folder):
-    """The network of a learner folder: its architecture from config.json, every tensor from model.safetensors."""
+    """The network of a learner folder: its architecture from config.json (checked against the tensors' shapes by
+    ``check_shapes``), every tensor from model.safetensors."""
     arch = dict(config["architecture"])
     ensemble = arch.pop("ensemble")
     for key in ("vocab_size", "embedding_dim", "token_features"):
@@ -290,7 +501,7 @@ def learner_card(config, name="learner"):
         f"{config['context_len']} tokens lowers the perplexity of an objective set (its information gain, "
         "z-scored over the training pool): Information Gain Filtration (Antonello, Beckage, Turek and Huth, "
         "*Selecting Informative Contexts Improves Language Model Fine-tuning*, ACL 2021), made by `run_clm_igf.py` "
-        "of its reference implementation. Keep the contexts it scores z >= 0.", "",
+        "of its reference implementation. Keep the contexts it scores >= 0 (IGF's threshold).", "",
         f"- **built on:** `{built['model']}` (weights hash `{built['weights']}`), its tokenizer (hash "
         f"`{built['tokenizer']}`, included); contexts of {config['context_len']} tokens",
         f"- **trained on:** {trained.get('data', 'n/a')}",
@@ -307,8 +518,10 @@ def learner_card(config, name="learner"):
         f"- **quality:** {describe_quality(metrics)}{exact}",
         "- **pool acceptance at z >= 0:** " + (f"{pool['acceptance_at_zero']:.1%} of the {pool['contexts']:,} "
                                                "training-pool contexts" if pool else "n/a"),
-        f"- **z scale:** z = (predicted IG - mean) / SD, with the training pool's mean {config['scale']['mean']:.6g} "
-        f"and SD {config['scale']['std']:.6g} of predicted IG", "",
+        (f"- **z scale:** z = (predicted IG - mean) / SD, with the training pool's mean {config['scale']['mean']:.6g} "
+         f"and SD {config['scale']['std']:.6g} of predicted IG" if config.get("standardize", True) else
+         "- **scale:** raw predicted IG, as IGF used it (--no-standardize_scores); the training pool's mean "
+         f"{config['scale']['mean']:.6g} and SD {config['scale']['std']:.6g} are recorded"), "",
         "```python", "from igf import Learner", f'learner = Learner.from_pretrained("{name}")',
         'z = learner.score(["one line of text", "another line"])  # one z-score per context; keep z >= 0', "```", "",
         "On a `datasets` pipeline: `ds.map(learner.score_rows, batched=True).filter(lambda r: r[\"igf_score\"] >= 0)` "
@@ -341,8 +554,10 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
     from . import assets
 
     folder = pipe.path(artifacts.LEARNER_FOLDER)
+    standardized = cfg.finetune.standardize_scores
     source = {"fingerprint": sha(fingerprint), "trained_weights": pipe.learner_fp}
-    if is_fresh(folder, source):
+    if is_fresh(folder, source) and artifacts.read_json(os.path.join(folder, CONFIG)).get("standardize") == \
+            standardized:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(assets.resolve_model_path(cfg.data.model_name_or_path,
                                                                         cfg.data.cache_dir))
@@ -364,8 +579,9 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
         "trained_on": {"data": _source_text(cfg, "train"), "objective": _source_text(cfg, "validation"),
                        "objective_example": excerpt[:200]},
         "metrics": pipe.metrics,
+        "standardize": standardized,  # the scale IGF selected on: the filter and Learner.score use the same
         "pool": {"contexts": len(sets.train), "acceptance_at_zero": acceptance_rate(
-            standardize(pool_scores, *pipe.scale), 0.0)},
+            standardize(pool_scores, *pipe.scale) if standardized else pool_scores, 0.0)},
         "source": source}  # what the driver and the filter compare to tell a fresh folder from a stale one
     Learner(pipe.learner, tokenizer, config).save_pretrained(folder)
     print(f"  wrote the learner folder {folder}: load it with igf.Learner.from_pretrained", flush=True)

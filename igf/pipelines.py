@@ -337,5 +337,5 @@ def check_learners(cfg: Config, pipelines):
 
 def _finish(pipe, learner, metrics):
     pipe.learner, pipe.metrics = learner, metrics
-    pipe.learner_fp = sha(torch.cat([v.flatten() for v in learner.trainable_state().values()]))
+    pipe.learner_fp = artifacts.trained_sha(learner.trainable_state())
     return learner

@@ -113,7 +113,7 @@ def plain_model(model):
 
 def save_model(folder, model, tokenizer, record, cfg, learner_metrics):
     """Write the model, tokenizer and card to ``folder`` through a temporary folder (never a half-saved model)."""
-    with artifacts.new_folder(folder, "the model") as tmp:
+    with artifacts.new_folder(folder, "the model", is_own=is_saved) as tmp:  # run 0's earlier model: replaced
         plain_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, CARD), "w", encoding="utf-8") as fh:

@@ -133,22 +133,32 @@ def compare_samples(a, b, paired_a, paired_b):
             "hedges_g": hedges_g(a, b)}
 
 
+def pair_key(record):
+    """What pairs two methods' runs: the candidate stream a run drew (its fingerprint's "stream", the run's seed),
+    so a run pairs only with a run that saw the same candidates; a record without one pairs by its run index."""
+    stream = (record.get("fingerprint") or {}).get("stream")
+    if stream is not None:
+        return ("stream", stream)
+    return None if record.get("run") is None else ("run", record["run"])
+
+
 def runs_by_index(records, values):
-    """{run index: value} from a method's records and one value per record. Records without a "run" index cannot
-    be paired and are left out; a run index given twice is an error (the pairing would be ambiguous)."""
+    """{pairing key (``pair_key``): value} from a method's records and one value per record. Records without a
+    stream or run index cannot be paired and are left out; a key given twice is an error (the pairing would be
+    ambiguous)."""
     out = {}
     for record, value in zip(records, values):
-        run = record.get("run")
-        if run is None:
+        key = pair_key(record)
+        if key is None:
             continue
-        if run in out:
-            raise ValueError(f"run {run} of method {record.get('method')!r} appears twice")
-        out[run] = value
+        if key in out:
+            raise ValueError(f"run {record.get('run')} of method {record.get('method')!r} appears twice")
+        out[key] = value
     return out
 
 
 def paired(by_run_a, by_run_b):
-    """Two aligned lists over the run indices present in both methods, in increasing run order."""
+    """Two aligned lists over the pairing keys present in both methods, in increasing order."""
     shared = sorted(set(by_run_a) & set(by_run_b))
     return [by_run_a[r] for r in shared], [by_run_b[r] for r in shared]
 
@@ -335,14 +345,14 @@ def variance_components(groups):
 
 
 def paired_difference(records, method, baseline="standard"):
-    """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by pipeline and run, and each
+    """Test PPL of ``method`` minus the baseline's at every evaluated batch, paired by candidate stream, and each
     pipeline's mean curve. With one pipeline: mean +- SE over its pairs (n = runs). With several, the pipeline is
     the replicate: mean +- SE over the pipelines' mean curves (n = pipelines), as in the across-pipeline t-test,
     since runs of one pipeline share its learner."""
     per_pipeline, rows = [], []
     for p, recs in sorted(records[method].items()):
-        base = {r["run"]: r["test_ppl"] for r in records[baseline].get(p, records[baseline][0])}
-        d = [np.subtract(r["test_ppl"], base[r["run"]]) for r in recs if r["run"] in base]
+        base = {pair_key(r): r["test_ppl"] for r in records[baseline].get(p, records[baseline][0])}
+        d = [np.subtract(r["test_ppl"], base[pair_key(r)]) for r in recs if pair_key(r) in base]
         rows += d
         if d:
             per_pipeline.append(np.mean(d, axis=0).tolist())

@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import run_clm_igf
 from conftest import ROOT, make_tiny_model, tiny_flags
-from igf import artifacts, filter
+from igf import artifacts, assets, contexts, filter
 from igf.config import parse_args
-from igf.secondary_learner import predict
+from igf.secondary_learner import load_saved_learner, predict
 from igf.selection import standardize
 
 FILTER = [sys.executable, "-m", "igf.filter"]
@@ -22,16 +23,32 @@ FILTER = [sys.executable, "-m", "igf.filter"]
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, text_folders, tmp_path_factory):
-    """An output folder with IG pairs and a learner (no fine-tuning), and its training pool's z scores."""
+    """An output folder with IG pairs and a learner (no fine-tuning), and its training pool's z scores as IGF's
+    selection computes them (the driver's path: the learner file on the LM's embeddings, ``predict``, then
+    ``standardize`` with the recorded scale, as ``selection_inputs`` does)."""
     folder = tmp_path_factory.mktemp("filter") / "out"
     argv = tiny_flags(tiny_model, text_folders, folder) + ["--stages", "ig_pairs", "learner"]
     assert run_clm_igf.main(argv) == 0
     cfg = parse_args(argv)
     model, _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
-    saved = artifacts.read_torch(os.path.join(folder, artifacts.LEARNER))
-    learner = filter.load_learner(str(folder)).model
+    path = os.path.join(folder, artifacts.LEARNER)
+    saved = artifacts.read_torch(path)
+    learner = load_saved_learner(path, saved, model.get_input_embeddings().weight)
     z = standardize(predict(learner, sets.train), saved["scale"]["mean"], saved["scale"]["std"])
     return str(folder), sets, z
+
+
+def by_hand(folder, sets):
+    """The pool's z-scores computed apart from the filter and IGF's scoring: the network's forward pass (nn.Conv1d,
+    not the token tables) on every pool context, and the scale recomputed as the pool's mean and population std
+    (float64); returned with the recorded scale, for comparison."""
+    path = os.path.join(folder, artifacts.LEARNER)
+    saved = artifacts.read_torch(path)
+    lm, _ = assets.load_pretrained(saved["built_on"]["model"]["model"], torch.float32)
+    learner = load_saved_learner(path, saved, lm.get_input_embeddings().weight)
+    with torch.no_grad():
+        raw = learner.eval()(sets.train).double().numpy()
+    return (raw - raw.mean()) / raw.std(), (raw.mean(), raw.std()), saved["scale"]
 
 
 def run_filter(*argv):
@@ -55,6 +72,11 @@ def test_filtering_the_training_text_keeps_what_igf_constant_accepts(trained, te
     assert [tuple(r["input_ids"]) for r in kept] == accepted  # exactly igf_constant's acceptance, in input order
     assert [r["score"] for r in kept] == [zi for zi in z.tolist() if zi >= 0]
     assert [r["score"] for r in every] == z.tolist()
+    # and apart from both: the network's forward pass, the scale recomputed from the pool
+    expected, (mean, std), recorded = by_hand(folder, sets)
+    assert recorded["mean"] == pytest.approx(mean, rel=1e-4, abs=1e-7) and recorded["std"] == pytest.approx(std,
+                                                                                                          rel=1e-4)
+    assert np.allclose([r["score"] for r in every], expected, atol=1e-3) and np.std(expected) == pytest.approx(1)
     # where each context came from: the file and 1-based line of its first token
     first = kept[0]
     assert first["file"].endswith(("style_a.txt", "style_b.txt")) and first["line"] >= 1
@@ -97,10 +119,10 @@ def test_jsonl_input_cuts_like_text(trained, text_folders, tmp_path):
 def test_windows_cross_rows_and_skip_empty_ones():
     chunks = [([torch.tensor([1, 2, 3]).numpy(), torch.tensor([], dtype=torch.int32).numpy()], ["r1", "r2"]),
               ([torch.tensor([4, 5]).numpy(), torch.tensor([6, 7, 8, 9, 10]).numpy()], ["r3", "r4"])]
-    out = list(filter.windows(iter(chunks), 4))
-    contexts = torch.cat([c for c, _ in out]).tolist()
+    out = list(contexts.windows(iter(chunks), 4))
+    cut = torch.cat([c for c, _ in out]).tolist()
     origins = [o for _, os_ in out for o in os_]
-    assert contexts == [[1, 2, 3, 4], [5, 6, 7, 8]] and origins == ["r1", "r3"]  # 9, 10: the dropped tail
+    assert cut == [[1, 2, 3, 4], [5, 6, 7, 8]] and origins == ["r1", "r3"]  # 9, 10: the dropped tail
 
 
 def expect_error(capsys, argv, *fragments):

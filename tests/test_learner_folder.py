@@ -1,7 +1,8 @@
 """The learner folder (igf/learner.py) on the tiny model: the driver writes it after the learner stage (again only
-when missing or stale); it loads from a copy with the LM gone and scores exactly as the filter's --scores; altered
-weights or a swapped tokenizer are refused in one line; score_rows maps a datasets.Dataset row by row; the filter
-on it equals the filter on the output folder; and the filter applies the driver's gate."""
+when missing or stale); it loads from a copy with the LM gone and scores as windows cut by a plain loop over the
+tokenizer and scored by the network's forward pass (and exactly as the filter's --scores); altered weights or a
+swapped tokenizer are refused in one line; score_rows maps a datasets.Dataset row by row; the filter on it equals
+the filter on the output folder's learner file on its LM; and the filter applies the driver's gate."""
 import json
 import math
 import os
@@ -45,6 +46,25 @@ def cli_scores(folder, lines, tmp_path, *flags):
     return np.array([json.loads(line)["score"] for line in open(scores)], dtype=np.float32)
 
 
+def by_hand(learner, lines):
+    """(raw predicted IG, z-scores) of the windows of a file whose lines are ``lines``, computed without the
+    filter's code: each line tokenized alone by a plain loop, the tokens concatenated and cut into windows of the
+    context length (tail dropped), each window through the network's own forward pass (nn.Conv1d, not the token
+    tables), z = (raw - mean) / std with the scale in its config (float64)."""
+    ids = [t for line in lines for t in learner.tokenizer(line, add_special_tokens=False)["input_ids"]]
+    T = learner.context_len
+    n = len(ids) // T
+    with torch.no_grad():
+        raw = learner.model.eval()(torch.tensor(ids[: n * T]).view(n, T)).double().numpy()
+    scale = learner.config["scale"]
+    return raw, (raw - scale["mean"]) / scale["std"]
+
+
+def without_learner_folder(out, tmp_path):
+    """A copy of the output folder without its learner/ folder: the filter must load the learner file on its LM."""
+    return str(shutil.copytree(out, tmp_path / "bare", ignore=shutil.ignore_patterns(artifacts.LEARNER_FOLDER)))
+
+
 def one_error_line(capsys, argv, *fragments):
     assert filter.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -70,10 +90,12 @@ def test_round_trip_without_the_lm(trained, tmp_path, monkeypatch):
             learner = Learner.from_pretrained(str(shared))
         z = learner.score([line.rstrip("\n") for line in lines])  # a list of texts, one per line
         assert z.dtype == np.float32 and len(z) > 100
+        _, expected = by_hand(learner, lines)  # computed without the filter's code
+        assert len(z) == len(expected) and np.allclose(z, expected, atol=1e-5)
+        assert np.unique(np.round(z, 4)).size > 20  # not one score for all
         assert np.array_equal(z, cli_scores(shared, lines, tmp_path))  # the CLI's --scores, to the bit
         assert np.array_equal(learner.score(lines), z)  # with their line breaks: the same lines
         assert np.array_equal(learner.score(["".join(lines)]), z)  # one text of many lines: the same file
-        assert np.array_equal(cli_scores(out, lines, tmp_path), z)  # the output folder uses its fresh learner/
         assert learner.quality == describe_quality(learner.metrics) and learner.metrics["n_heldout"] == 16
         # save_pretrained writes the same folder again
         again = learner.save_pretrained(str(tmp_path / "again"))
@@ -90,9 +112,14 @@ def test_config_and_card_say_what_it_is(trained, tmp_path):
     assert config["context_len"] == 16 and config["labels"]["estimator"] == "exact"
     assert config["labels"]["num_ig_pairs"] == 24 and config["labels"]["ig_optimizer"] == "adam"
     saved = artifacts.read_torch(os.path.join(out, artifacts.LEARNER))
-    assert config["scale"] == saved["scale"] and config["built_on"]["weights"] == saved["built_on"]["model"]["weights"]
-    z = cli_scores(out, lines, tmp_path)  # the training text: the pool's contexts
-    assert config["pool"] == {"contexts": len(z), "acceptance_at_zero": float(np.mean(z >= 0))}
+    assert config["built_on"]["weights"] == saved["built_on"]["model"]["weights"]
+    # the scale is the pool's mean and population std of raw predictions: recomputed from the training text
+    raw, z = by_hand(Learner.from_pretrained(folder_of(out)), lines)  # the training text: the pool's contexts
+    assert config["scale"]["mean"] == pytest.approx(raw.mean(), rel=1e-4, abs=1e-7)
+    assert config["scale"]["std"] == pytest.approx(raw.std(), rel=1e-4)
+    unsure = np.abs(z) < 1e-4  # too close to the threshold to tell float32 rounding apart
+    assert config["pool"]["contexts"] == len(z)
+    assert config["pool"]["acceptance_at_zero"] == pytest.approx(float(np.mean(z >= 0)), abs=unsure.mean() + 1e-12)
     card = open(os.path.join(folder_of(out), CARD), encoding="utf-8").read()
     assert card.startswith("---\nlibrary_name: igf\ntags:\n- information-gain-filtration\n")
     assert describe_quality(config["metrics"]) in card and "against exact IG: Spearman" in card
@@ -115,7 +142,7 @@ def test_the_driver_writes_the_folder_only_when_missing_or_stale(trained, text_f
     assert "wrote the learner folder" in capsys.readouterr().out
     assert open(os.path.join(folder_of(copy), WEIGHTS), "rb").read() != weights
     assert np.array_equal(Learner.from_pretrained(folder_of(copy)).model.trainable_state()["members.0.conv.bias"],
-                          filter.load_learner(str(copy), model_name_or_path=lm).model.trainable_state()[
+                          Learner.from_output_dir(str(copy), model_name_or_path=lm).model.trainable_state()[
                               "members.0.conv.bias"])
 
 
@@ -133,7 +160,7 @@ def test_altered_weights_or_a_swapped_tokenizer_are_refused(trained, tmp_path, c
     tensors = load_file(os.path.join(edited, WEIGHTS))
     tensors["members.1.conv.bias"][0] += 1e-3
     save_file(tensors, os.path.join(edited, WEIGHTS))
-    one_error_line(capsys, [edited, *argv], "does not hold the weights recorded in its config.json")
+    one_error_line(capsys, [edited, *argv], "does not hold the config.json and weights recorded in its config.json")
     with pytest.raises(IGFError, match="altered or damaged"):
         Learner.from_pretrained(edited)
     # one byte of the tensors' data flipped in place
@@ -143,7 +170,7 @@ def test_altered_weights_or_a_swapped_tokenizer_are_refused(trained, tmp_path, c
         byte = fh.read(1)
         fh.seek(-5, os.SEEK_END)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    one_error_line(capsys, [flipped, *argv], "does not hold the weights")
+    one_error_line(capsys, [flipped, *argv], "altered or damaged")
     # another tokenizer in its place: the same words, other ids
     swapped = shutil.copytree(folder_of(out), tmp_path / "swapped")
     words = sorted(json.load(open(os.path.join(swapped, "tokenizer.json")))["model"]["vocab"], reverse=True)
@@ -192,10 +219,14 @@ def test_score_rows_on_a_dataset(trained):
 
 
 def test_the_filter_on_the_folder_equals_the_filter_on_the_output_folder(trained, text_folders, tmp_path):
+    """The learner folder (no LM) and the output folder's learner file on its LM (no learner folder: the LM's
+    embeddings and the saved weights) give the same bytes."""
     out, lm, _ = trained
+    bare = without_learner_folder(out, tmp_path)
+    assert Learner.from_output_dir(bare).source == os.path.join(bare, artifacts.LEARNER)  # not a learner folder
     results = {}
-    for name, argv in {"learner folder": [folder_of(out)], "output folder": [out],
-                       "output folder on its LM": [out, "--model_name_or_path", lm]}.items():
+    for name, argv in {"learner folder": [folder_of(out)], "output folder": [bare],
+                       "output folder on its LM": [bare, "--model_name_or_path", lm]}.items():
         kept, scores, top = (tmp_path / f"{name}.{k}.jsonl" for k in ("kept", "scores", "top"))
         argv += ["--input", text_folders["train"], "--allow_weak_learner"]  # the gate: a test of its own
         assert filter.main([*argv, "--output", str(kept), "--scores", str(scores)]) == 0
@@ -211,11 +242,10 @@ def test_the_filter_applies_the_gate(trained, tmp_path, capsys):
     corpus.write_text("".join(lines))
     argv = ["--input", corpus, "--output", tmp_path / "k.jsonl"]
 
-    def with_metrics(name, metrics):  # the metrics are not in the weights' hash: the folder still loads
-        folder = shutil.copytree(folder_of(out), tmp_path / name)
-        config = json.load(open(os.path.join(folder, CONFIG)))
-        artifacts.write_json(os.path.join(folder, CONFIG), {**config, "metrics": metrics})
-        return folder
+    def with_metrics(name, metrics):  # a folder saved with these metrics (its hash covers them)
+        learner = Learner.from_pretrained(folder_of(out))
+        learner.config = {**learner.config, "metrics": metrics}
+        return learner.save_pretrained(str(tmp_path / name))
 
     weak = with_metrics("weak", {"n_heldout": 16, "heldout_spearman": 0.1, "heldout_spearman_ci": [-0.4, 0.55]})
     assert gate_refusal(Learner.from_pretrained(weak).metrics, "it")

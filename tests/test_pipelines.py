@@ -3,8 +3,10 @@ single-pipeline run, byte for byte; pipeline p >= 1 has its own seeds and folder
 standard runs (--pipeline_streams own), or shares run r's stream and standard run with pipeline 0 (shared);
 statistics come within and across pipelines; a finished one-pipeline folder grows a second pipeline without
 redoing the first."""
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,16 +25,17 @@ def read(path):
 
 
 def paired_runs(folder, a, b, pipeline, runs=2):
-    """[(run r of method a, run r of method b)] of one pipeline, read from the run files: b's runs in the pipeline's
-    own folder where it has them, else pipeline 0's (a baseline shared by the pipelines)."""
+    """[(run r of method a in ``pipeline``, the run of method b that drew the same candidate stream)]: b's partner
+    found by its seed among every run file of b in the folder, whichever pipeline folder holds it (one, or the
+    pairing is ambiguous)."""
+    every = [json.load(open(path)) for path in glob.glob(os.path.join(folder, "**", f"{b}_run*.json"), recursive=True)]
     out = []
     for r in range(runs):
-        path_a, path_b = (artifacts.run_path(folder, m, pipeline, r) for m in (a, b))
-        if not os.path.exists(path_b):
-            path_b = artifacts.run_path(folder, b, 0, r)
-        ra, rb = (json.load(open(path)) for path in (path_a, path_b))
-        assert ra["run"] == rb["run"] == r and ra["seed"] == rb["seed"]  # a pair: one candidate stream
-        out.append((ra, rb))
+        ra = json.load(open(artifacts.run_path(folder, a, pipeline, r)))
+        partners = [rb for rb in every if rb["seed"] == ra["seed"]]
+        assert len(partners) == 1, (a, b, pipeline, r, len(partners))
+        assert partners[0]["run"] == r
+        out.append((ra, partners[0]))
     return out
 
 
@@ -128,8 +131,12 @@ def test_shared_streams_pair_every_pipeline_with_one_standard_run(one_and_two, t
         assert a == b, name
     results = json.load(open(shared / artifacts.RESULTS))
     assert results["methods"]["standard"]["runs"] == 2
-    for r, pair in enumerate(paired_runs(shared, "igf_constant", "standard", 1)):
-        assert pair[1] == json.load(open(artifacts.run_path(shared, "standard", 0, r)))
+    for p in range(2):  # each pipeline's runs pair with the one standard run of their stream (pipeline: none)
+        pairs = paired_runs(shared, "igf_constant", "standard", p)
+        assert all(rb["pipeline"] is None for _, rb in pairs)
+        diffs = [ra["test_ppl"][-1] - rb["test_ppl"][-1] for ra, rb in pairs]
+        within = results["pipelines"][p]["tests"]["igf_constant_vs_standard"]["final"]["paired_mean_difference"]
+        assert within["mean"] == pytest.approx(np.mean(diffs), rel=1e-12)
 
 
 def test_a_finished_folder_grows_a_pipeline_without_redoing_the_first(one_and_two, tiny_model, text_files, tmp_path):
@@ -145,3 +152,23 @@ def test_a_finished_folder_grows_a_pipeline_without_redoing_the_first(one_and_tw
     p1 = artifacts.PIPELINES + "/1"
     for name in (artifacts.IG_PAIRS, artifacts.LEARNER, "runs/igf_constant_run001.json"):
         assert read(grown / p1 / name) == read(two / p1 / name), name
+
+
+def test_plot_only_reads_the_design_from_the_saved_config(one_and_two, tiny_model, text_files, tmp_path, capsys):
+    """Redrawing an own-streams study with the command line's defaults (one pipeline, shared streams) gives the same
+    statistics: the design comes from config.json. Without it, the mismatch is refused in one line, as the
+    runs cannot pair with the baseline the command line names."""
+    from test_bad_input import check_error
+
+    _, two = one_and_two
+    copy = tmp_path / "copy"
+    shutil.copytree(two, copy)
+    os.remove(copy / artifacts.RESULTS)
+    argv = tiny_flags(tiny_model, text_files, copy) + ["--plot_only", "--pipeline_streams", "shared"]
+    assert run_clm_igf.main(argv) == 0
+    assert "the saved run's design (config.json), not the command line's" in capsys.readouterr().out
+    assert json.load(open(copy / artifacts.RESULTS)) == json.load(open(two / artifacts.RESULTS))
+    os.remove(copy / artifacts.CONFIG)  # no saved design: the command line's, which does not fit the runs
+    code = run_clm_igf.main(argv + ["--num_pipelines", "2", "--methods", *METHODS])
+    check_error(code, "", capsys.readouterr().err, "candidate stream", "no standard run of pipeline 0",
+                "--pipeline_streams")

@@ -345,3 +345,21 @@ def test_variance_components_by_hand():
     assert statistics.variance_components([[0.0, 4.0], [1.0, 3.0]])["between_sd"] == 0.0
     assert statistics.variance_components([[0.2, 0.3]])["between_sd"] is None
     assert statistics.variance_components([[0.2], [0.4]])["within_sd"] is None
+
+
+def test_runs_pair_by_candidate_stream_not_by_index():
+    """Two methods' runs pair when they drew the same candidate stream (the fingerprint's "stream"), whatever their
+    run index or list order; a run whose stream no baseline run drew is not paired."""
+    def rec(method, run, stream, final):
+        return {"method": method, "run": run, "steps": [0, 1], "test_ppl": [50.0, final], "candidates_drawn": [4],
+                "batch_size": 4, "fingerprint": {"stream": stream}}
+
+    standard = [rec("standard", 0, 1000, 40.0), rec("standard", 1, 1001, 42.0), rec("standard", 2, 1002, 44.0)]
+    # IGF's run 0 drew stream 1002, its run 1 stream 1000, its run 2 a stream no standard run drew
+    igf = [rec("igf_constant", 0, 1002, 41.0), rec("igf_constant", 1, 1000, 39.0), rec("igf_constant", 2, 7, 10.0)]
+    out = statistics.compare_methods({"standard": standard, "igf_constant": igf})
+    final = out["tests"]["igf_constant_vs_standard"]["final"]
+    assert final["wilcoxon"]["n_pairs"] == 2
+    assert final["paired_mean_difference"]["mean"] == pytest.approx(((41.0 - 44.0) + (39.0 - 40.0)) / 2)
+    by_index = ((41.0 - 40.0) + (39.0 - 42.0) + (10.0 - 44.0)) / 3
+    assert final["paired_mean_difference"]["mean"] != pytest.approx(by_index)
