@@ -127,10 +127,11 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
     """
     ig, path = cfg.ig, pipe.path(artifacts.IG_PAIRS)
     fingerprint = ig_fingerprint(cfg, pipe, sets, ids)
-    saved = with_tokens(artifacts.read_json(path), sets.train, path) if os.path.exists(path) else None
+    saved = artifacts.read_json(path) if os.path.exists(path) else None
     wanted = {"pairs": ig.num_ig_pairs, "validation": ig.num_validation_pairs, "heldout": ig.num_heldout_pairs}
     if saved is not None:
         artifacts.check_fingerprint(path, saved, fingerprint)
+        saved = with_tokens(saved, sets.train, path)  # the pool is the fingerprint's: its rows are the contexts
         for key, flag in (("pairs", "num_ig_pairs"), ("validation", "num_validation_pairs"),
                           ("heldout", "num_heldout_pairs")):
             if len(saved.get(key, [])) > wanted[key]:  # keeping a prefix would overwrite (lose) the rest
@@ -230,8 +231,9 @@ def load_ig_pairs(cfg, pipe, sets, ids):
     path = pipe.path(artifacts.IG_PAIRS)
     if not os.path.exists(path):
         raise IGFError(f"{path} not found: run the ig_pairs stage first")
-    saved = with_tokens(artifacts.read_json(path), sets.train, path)
+    saved = artifacts.read_json(path)
     artifacts.check_fingerprint(path, saved, ig_fingerprint(cfg, pipe, sets, ids))
+    saved = with_tokens(saved, sets.train, path)
     n, n_val, n_held = (len(saved.get(k, [])) for k in ("pairs", "validation", "heldout"))
     if not saved.get("complete") or (n, n_val, n_held) != (cfg.ig.num_ig_pairs, cfg.ig.num_validation_pairs,
                                                            cfg.ig.num_heldout_pairs):

@@ -28,7 +28,8 @@ def paired_runs(folder, a, b, pipeline, runs=2):
     """[(run r of method a in ``pipeline``, the run of method b that drew the same candidate stream)]: b's partner
     found by its seed among every run file of b in the folder, whichever pipeline folder holds it (one, or the
     pairing is ambiguous)."""
-    every = [json.load(open(path)) for path in glob.glob(os.path.join(folder, "**", f"{b}_run*.json"), recursive=True)]
+    every = [json.load(open(path)) for path in glob.glob(os.path.join(folder, "**", artifacts.RUNS, f"{b}_run*.json"),
+                                                        recursive=True)]
     out = []
     for r in range(runs):
         ra = json.load(open(artifacts.run_path(folder, a, pipeline, r)))
