@@ -20,6 +20,8 @@ COMMANDS = {  # what a user types -> what the usage line names
     "ig_signal": [sys.executable, "benchmarks/ig_signal.py"],
     "filter_speed": [sys.executable, "benchmarks/filter_speed.py"],
     "learner_ladder": [sys.executable, "benchmarks/learner_ladder.py"],
+    "ig_drift": [sys.executable, "benchmarks/ig_drift.py"],
+    "color_conditional": [sys.executable, "benchmarks/color_conditional.py"],
 }
 
 
