@@ -140,11 +140,14 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                 todo.append((run, pipe, method, path, fingerprint))
     runs_to_train = len(todo)  # over every process
     todo = launch.deal(todo)  # this process's runs; each writes its own run files
-    # 4a) every pending static run's batches, chosen at the pretrained float32 weights before any training; what
-    #     the LM-scored and online rules need (scorers, conditional models) is built per pipeline, and the static
-    #     scorers are freed once their plans are made (each holds a weight snapshot and a gradient)
-    plans = {}
-    for pipe in pipelines:
+    # 4a) a pipeline's pending static runs get their batches at the pretrained float32 weights, before they train;
+    #     what its LM-scored and online rules need (scorers, conditional models) is built then, and the static
+    #     scorers are freed once their plans are made (each holds a weight snapshot and a gradient). In float32
+    #     this happens when the pipeline's first run comes up (the weights restored first), so training starts
+    #     after one pipeline's set-up, not five; in another --torch_dtype, for every pipeline before any training.
+    plans, samples, losses, planned = {}, {}, {}, set()
+
+    def plan_pipeline(pipe):
         mine = [(run, method) for run, p, method, _, _ in todo if p is pipe]
         needs_lm = {m for _, m in mine} & {"ppl", "oracle", *CONDITIONAL, *ONLINE}
         if needs_lm:  # only for runs still to do: scoring the reference sample costs LM passes
@@ -152,19 +155,25 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                          ig_cfg=cfg.ig, ft=ft, learner_cfg=cfg.learner, objective=pipe.objective,
                          validation=sets.validation, batch_size=cfg.ig.ig_eval_batch_size, device=device,
                          seed=stage_seed(cfg.run.seed, "finetune", pipe.index))
-        for run, method in tqdm(mine, desc=f"selecting batches (pipeline {pipe.index})", disable=not mine):
-            if method in ONLINE:
-                continue
+        mine_static = {}
+        for run, method in tqdm([rm for rm in mine if rm[1] not in ONLINE], desc=f"selecting batches (pipeline "
+                                f"{pipe.index})", disable=not mine):
             seed = run_seed(cfg, pipe.index, run)
             stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
-            plans[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed), stream,
-                                                            ft.batch_size, ft.max_steps)
+            mine_static[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed),
+                                                                  stream, ft.batch_size, ft.max_steps)
         inputs[pipe.index].scorers = {}
-        if not {m for _, m in mine} & {"rho"}:
+        if "rho" not in {m for _, m in mine}:
             inputs[pipe.index].conditional = {}
-    # ... and the pretrained loss of a sample of each plan's kept contexts (the selection report), in one pass
-    samples = {key: loss_sample(ft.max_steps * ft.batch_size, ft.report_loss_sample) for key in plans}
-    losses = kept_losses(model, sets.train, plans, samples, ft, device)
+        # ... and the pretrained loss of a sample of each plan's kept contexts (the selection report), in one pass
+        samples.update({key: loss_sample(ft.max_steps * ft.batch_size, ft.report_loss_sample) for key in mine_static})
+        losses.update(kept_losses(model, sets.train, mine_static, samples, ft, device))
+        plans.update(mine_static)
+        planned.add(pipe.index)
+
+    if ft.torch_dtype != "float32":
+        for pipe in pipelines:
+            plan_pipeline(pipe)
     # 4b) train: on the plans, or picking each batch with the model as it is (online rules)
     model.to(getattr(torch, ft.torch_dtype))
     snapshot, ppl_start = WeightSnapshot(model), None
@@ -177,6 +186,8 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
                 ppl_start = perplexity(model, sets.test, ft.eval_batch_size, device)
                 tqdm.write(f"pretrained test perplexity {ppl_start:.3f}")
             snapshot.restore()
+            if pipe.index not in planned:
+                plan_pipeline(pipe)  # at the pretrained weights, just restored
             seed, key = run_seed(cfg, pipe.index, run), (run, pipe.index, method)
             if key in plans:
                 selection = plans[key]
