@@ -12,8 +12,8 @@ Applies learners built on SmolLM2-135M to the embedded books' training text (or 
 
 Ratios are what to compare across machines: another process on the CPU slows both sides. Without --output_dir the
 learners are learner folders of randomly initialized ensembles of --ensembles members (1, 5 and 10 by default)
-on the LM's embeddings and tokenizer, their z scale set on the corpus's first contexts so that --threshold 0
-keeps about half, as a trained learner's does (a trained learner's weights do not change the speed). Each
+on the LM's embeddings and tokenizer, their z scale set on the corpus's contexts so that --threshold 0
+keeps half of them, as a trained learner keeps about half (its weights do not change the speed). Each
 --output_dir is an output folder or a learner folder (``<output_dir>/learner``, igf/learner.py: no LM loaded).
 The filter runs with --allow_weak_learner: a benchmark's learner need not pass the gate.
 
@@ -40,7 +40,7 @@ from igf.errors import IGFError  # noqa: E402
 from igf.learner import is_learner_folder  # noqa: E402
 
 CONTEXT_LEN = 32  # the driver's default
-SCALE_CONTEXTS = 4096  # contexts that set a random learner's z scale
+SCALE_CONTEXTS = 100_000  # contexts that set a random learner's z scale (the first, of the first corpus)
 
 
 def parse_args(argv=None):
@@ -92,8 +92,9 @@ def corpus_contexts(corpus, tokenizer, context_len):
 
 def random_learners(model_name_or_path, ensembles, corpus, work):
     """Learner folders of randomly initialized ensembles (``build_learner``'s architecture defaults), one per size,
-    on the LM's embeddings and tokenizer; each one's z scale is its predictions' mean and SD over the corpus's
-    first SCALE_CONTEXTS contexts. Returns their paths (``<work>/learner_<M>``)."""
+    on the LM's embeddings and tokenizer; each one's z scale is its predictions' median and SD over the corpus's
+    first SCALE_CONTEXTS contexts, so that every learner keeps about half of them at z >= 0 and writes as much as
+    the others. Returns their paths (``<work>/learner_<M>``)."""
     import torch
 
     from igf.learner import Learner
@@ -101,7 +102,13 @@ def random_learners(model_name_or_path, ensembles, corpus, work):
 
     model, tokenizer = assets.load_pretrained(assets.resolve_model_path(model_name_or_path), torch.float32)
     embeddings = model.get_input_embeddings().weight.detach()
-    contexts = torch.cat([c for c, _ in corpus_contexts(corpus, tokenizer, CONTEXT_LEN)])[:SCALE_CONTEXTS]
+    contexts, n = [], 0
+    for c, _ in corpus_contexts(corpus, tokenizer, CONTEXT_LEN):
+        contexts.append(c)
+        n += len(c)
+        if n >= SCALE_CONTEXTS:
+            break
+    contexts = torch.cat(contexts)[:SCALE_CONTEXTS]
     built_on = {"model": model_name_or_path, "weights": artifacts.weights_sha(model),
                 "tokenizer": artifacts.tokenizer_sha(tokenizer)}
     folders = []
@@ -109,7 +116,7 @@ def random_learners(model_name_or_path, ensembles, corpus, work):
         torch.manual_seed(m)
         net = build_learner(embeddings, ensemble=m).eval()
         z = predict(net, contexts).double()
-        config = {"context_len": CONTEXT_LEN, "scale": {"mean": z.mean().item(), "std": z.std().item()},
+        config = {"context_len": CONTEXT_LEN, "scale": {"mean": z.median().item(), "std": z.std().item()},
                   "built_on": built_on, "metrics": {}}
         folders.append(Learner(net, tokenizer, config).save_pretrained(os.path.join(work, f"learner_{m}")))
     return folders
