@@ -2,22 +2,24 @@
 the corpus grows?
 
 Applies learners built on SmolLM2-135M to the embedded books' training text (or --input), repeated to each size
-(10 MB and 100 MB by default). For each size and each repeat it times, back to back on the same text and CPU:
+(10 MB and 100 MB by default). For each size, repeat and learner it times, back to back on the same text and CPU,
+each in a child process of its own (so each has its own peak memory):
 
-  - the tokenizer alone: the filter's own input path (read the lines, tokenize them in chunks, cut the 32-token
-    windows), nothing scored or written, in this process: the ceiling a filter cannot beat;
-  - the filter (``python -m igf.filter``, one child process per learner so each has its own peak memory): tokens/s
-    with tokenization, scoring and writing included, its ratio to the tokenizer alone, peak resident memory, the
-    start-up (process start to the first context: imports and the learner's load) and, within it, the load.
+  - the tokenizer alone: the filter's own input path (read the lines, tokenize them in chunks, cut the windows),
+    nothing scored or written: the ceiling a filter cannot beat;
+  - the filter (``python -m igf.filter``): tokens/s with tokenization, scoring and writing included, its ratio to
+    the tokenizer alone, peak resident memory, the start-up (process start to the first context: imports and the
+    learner's load) and, within it, the load.
 
-Ratios are what to compare across machines: another process on the CPU slows both sides. Without --output_dir the
+The ratio is what to compare across machines and loads: another process on the CPU slows both sides (the
+lookups, which read memory, somewhat more than the tokenizer). Without --output_dir the
 learners are learner folders of randomly initialized ensembles of --ensembles members (1, 5 and 10 by default)
 on the LM's embeddings and tokenizer, their z scale set on the corpus's contexts so that --threshold 0
 keeps half of them, as a trained learner keeps about half (its weights do not change the speed). Each
 --output_dir is an output folder or a learner folder (``<output_dir>/learner``, igf/learner.py: no LM loaded).
 The filter runs with --allow_weak_learner: a benchmark's learner need not pass the gate.
 
-    python benchmarks/filter_speed.py                        # ~6 min on a 2-core CPU
+    python benchmarks/filter_speed.py                        # ~25 min on a 2-core CPU (10 and 100 MB, twice)
     python benchmarks/filter_speed.py --sizes_mb 10 --repeats 3 --ensembles 1 5 10
     python benchmarks/filter_speed.py --output_dir output/learner --sizes_mb 10 100 1000
 """
@@ -199,12 +201,12 @@ def main(argv=None):
                 folders = [os.path.join(work, f"learner_{m}") for m in args.ensembles]
                 in_child(f"random_learners({args.model_name_or_path!r}, {args.ensembles!r}, {corpus!r}, {work!r})")
             for repeat in range(args.repeats):
-                timing = os.path.join(work, "tokenizer.json")
-                in_child(f"tokenizer_alone({folders[0]!r}, {corpus!r}, {timing!r})")  # the first learner's tokenizer
-                timed = artifacts.read_json(timing)
-                ceiling = timed["tokens"] / timed["seconds"]
-                print(f"{mb:g} MB, repeat {repeat + 1}: tokenizer alone {ceiling:,.0f} tokens/s", flush=True)
                 for i, out in enumerate(folders):
+                    # the ceiling right before each filter run: what else runs on the CPU changes by the minute
+                    timing = os.path.join(work, "tokenizer.json")
+                    in_child(f"tokenizer_alone({out!r}, {corpus!r}, {timing!r})")
+                    timed = artifacts.read_json(timing)
+                    ceiling = timed["tokens"] / timed["seconds"]
                     summary = os.path.join(work, f"summary_{mb:g}_{i}.json")
                     code, rss, wall = run_child([sys.executable, "-m", "igf.filter", out, "--input", corpus,
                                                  "--output", os.path.join(work, f"kept_{mb:g}.jsonl"),
@@ -222,8 +224,8 @@ def main(argv=None):
                                  "peak_rss_bytes": rss, "start_up_seconds": wall - s["seconds"],
                                  "load_seconds": s["load_seconds"],
                                  "folder_bytes": folder_bytes(out) if is_learner_folder(out) else None})
-                    print(f"  {rows[-1]['describe']}: {s['tokens_per_second']:,.0f} tokens/s "
-                          f"({rows[-1]['ratio']:.2f} of the tokenizer alone)", flush=True)
+                    print(f"{mb:g} MB, repeat {repeat + 1}, {rows[-1]['describe']}: tokenizer alone {ceiling:,.0f} "
+                          f"tokens/s, filter {s['tokens_per_second']:,.0f} ({rows[-1]['ratio']:.2f})", flush=True)
             os.remove(corpus)
     print(f"\nfilter speed ({cpu_name()}, {os.cpu_count()} CPUs; threads: torch "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}; load average {os.getloadavg()[0]:.2f})")
