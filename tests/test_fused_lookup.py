@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from igf import secondary_learner
 from igf.secondary_learner import TABLE_BLOCK, LearnerEnsemble, SecondaryLearner, build_learner, predict
 
 
@@ -101,3 +102,16 @@ def test_each_member_scored_alone_averages_to_the_ensemble():
     members = torch.stack([predict(m, ids) for m in learner.members])
     assert torch.allclose(predict(learner, ids), members.mean(dim=0), rtol=1e-6, atol=1e-7)
     assert isinstance(learner.members[0], SecondaryLearner)
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean_max"])
+def test_the_lookup_block_size_changes_no_bit(monkeypatch, pooling):
+    """Blocks of one context, of a few (ending mid-batch) and of the whole batch, on one thread or several."""
+    learner = _learner(300, 3, pooling)
+    ids = torch.randint(0, 300, (23, 10), generator=torch.Generator().manual_seed(5))
+    expected = predict(learner, ids)
+    per_context = 4 * 10 * learner.members[0].conv.out_channels * 3  # bytes of one context's pre-activations
+    for block in (1, 5 * per_context, 1 << 30):
+        monkeypatch.setattr(secondary_learner, "LOOKUP_BYTES", block)
+        monkeypatch.setattr(secondary_learner, "PARALLEL_LOOKUP_BYTES", block)
+        assert torch.equal(predict(learner, ids), expected), block
