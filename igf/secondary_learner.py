@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from .errors import IGFError
 from .statistics import correlations, spearman_ci
 
-HEAD_BLOCK = 2048  # rows per matrix product in SecondaryLearner.scores (see there)
+HEAD_BLOCK = 2048  # rows per matrix product of the heads at inference (see head_scores)
+TABLE_BLOCK = 256  # vocabulary tokens per product when token tables are built (see TokenTables)
+LOOKUP_BYTES = 2 << 20  # the lookup's block of pre-activations on one thread: 2 MB, in a core's L2 (best measured)
+# with several torch threads every block is a parallel region whose threads wait for each other, and on a CPU shared
+# with other work that wait is a scheduler slice: fewer, larger blocks (M = 5, two threads beside a study: 2.5x faster)
+PARALLEL_LOOKUP_BYTES = 32 << 20
 POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
 FROZEN = ("embed.", "features.")  # state-dict prefixes rebuilt from the LM and the data, never saved
 
@@ -59,17 +64,94 @@ def token_feature_table(pool, objective, vocab_size):
 # ----------------------------------------------------------------------------- the network
 
 
+class TokenTables:
+    """The convolution of every vocabulary token, for scoring without convolving: row ``v * K + k`` of ``table``
+    is tap k's weights times token v's frozen input vector, (M * C,) for M convolutions side by side (an
+    ensemble's members). The inputs are frozen, so at inference a position's pre-activation is the sum of K table
+    rows (``pooled_features``), ~100x cheaper on a CPU than convolving the embeddings.
+
+    Rows are computed on first use, in fixed blocks of TABLE_BLOCK tokens: a 10-member table is 377 MB and takes
+    ~1.5 s to build whole, while text uses a fraction of the vocabulary, and a filter should start at once. Every
+    block is the same matrix product, so a row has the same bits whichever text asked for it first. Token id
+    ``vocab_size`` (``pad_id``) has an all-zero input, so its rows are zero: Conv1d's zero padding."""
+
+    def __init__(self, inputs, weight, bias):
+        """inputs (V, D): each token's frozen input; weight (M * C, D, K), bias (M * C,): the convolutions."""
+        width, _, self.kernel_size = weight.shape
+        self.pad_id = len(inputs)
+        self.inputs, self.bias = inputs.detach(), bias.detach().clone()
+        # (D, K * M * C): one product gives a token's K rows side by side, already in the table's layout
+        self.weight = weight.detach().permute(1, 2, 0).reshape(weight.shape[1], -1).clone()
+        blocks = self.pad_id // TABLE_BLOCK + 1  # the padding token included
+        self.table = torch.empty(blocks * TABLE_BLOCK * self.kernel_size, width)  # untouched pages cost no memory
+        self.filled = torch.zeros(blocks, dtype=torch.bool)
+
+    @property
+    def width(self):
+        return self.table.shape[1]
+
+    @torch.no_grad()
+    def fill(self, ids):
+        """Compute the rows of every token in ``ids`` (any shape) that are not computed yet, and the padding's."""
+        if bool(self.filled.all()):
+            return
+        needed = torch.zeros_like(self.filled)
+        needed[ids.reshape(-1) // TABLE_BLOCK] = True
+        needed[-1] = True  # the padding token's block
+        rows = self.table.view(-1, self.kernel_size * self.width)  # (tokens, K * M * C)
+        for b in torch.nonzero(needed & ~self.filled).flatten().tolist():
+            x = self.inputs[b * TABLE_BLOCK:(b + 1) * TABLE_BLOCK]
+            x = F.pad(x, (0, 0, 0, TABLE_BLOCK - len(x)))  # past the vocabulary (the padding token): zeros
+            torch.mm(x, self.weight, out=rows[b * TABLE_BLOCK:(b + 1) * TABLE_BLOCK])
+            self.filled[b] = True
+
+
 @torch.no_grad()
-def lookup(ids, tables, bias, k_size, pad):
-    """A Conv1d's pre-activations over token ids through its token tables (``SecondaryLearner.token_tables``):
-    (B, T) -> (B, L, C). Zero padding adds nothing, so a tap that falls outside the context is skipped."""
-    length = ids.shape[1] + 2 * pad - k_size + 1  # as Conv1d: T for an odd kernel
-    h = bias.expand(ids.shape[0], length, -1).clone()  # (B, L, C)
-    for k in range(k_size):  # output t sees input t + k - pad
-        lo, hi = max(0, pad - k), min(length, ids.shape[1] + pad - k)
-        if lo < hi:
-            h[:, lo:hi] += tables[k][ids[:, lo + k - pad: hi + k - pad]]
-    return h
+def pooled_features(ids, tables, pad, pooling="max"):
+    """A Conv1d + ReLU + pooling over positions, through ``tables`` (TokenTables): (B, T) -> (B, M * C) for max
+    pooling, (B, 2, M * C) (max, mean) for mean_max. Each position's pre-activation is one ``embedding_bag`` sum of
+    K table rows (the taps), in blocks of contexts whose (positions, M * C) sums stay in the CPU's cache. Max pooling
+    takes the max before the bias and the ReLU: both are monotone, so relu(max(h) + b) = max(relu(h + b)), exactly,
+    and the (B, L, M * C) pre-activations are never written out whole."""
+    k_size, width = tables.kernel_size, tables.width
+    tables.fill(ids)
+    padded = F.pad(ids, (pad, pad), value=tables.pad_id)  # (B, T + 2 pad): zero padding as Conv1d's
+    length = padded.shape[1] - k_size + 1  # L, as Conv1d: T for an odd kernel
+    bags = (padded.unfold(1, k_size, 1) * k_size + torch.arange(k_size)).reshape(-1, k_size)  # (B * L, K) rows
+    out = torch.empty(len(ids), *((2,) if pooling == "mean_max" else ()), width)
+    block = LOOKUP_BYTES if torch.get_num_threads() == 1 else PARALLEL_LOOKUP_BYTES
+    step = max(1, block // (4 * length * width))  # contexts per block
+    for s in range(0, len(ids), step):
+        h = F.embedding_bag(bags[s * length:(s + step) * length], tables.table, mode="sum").view(-1, length, width)
+        if pooling == "max":
+            torch.amax(h, dim=1, out=out[s:s + step])
+        else:
+            out[s:s + step, 0] = h.amax(dim=1)
+            out[s:s + step, 1] = F.relu(h + tables.bias).mean(dim=1)
+    if pooling == "max":
+        return F.relu(out + tables.bias)
+    out[:, 0] = F.relu(out[:, 0] + tables.bias)
+    return out
+
+
+@torch.no_grad()
+def head_scores(pooled, members):
+    """Each member's head on its slice of the pooled features, (B, [2,] M * C) -> the members' mean (B,), as one
+    batched product per layer (the heads are Linear + ReLU + Dropout + Linear, eval mode). The products run on
+    blocks of exactly HEAD_BLOCK rows (the last one zero-padded): a BLAS picks its kernel by the number of rows, so
+    this way a context's score is the same bits however the contexts around it were batched (IGF's pool scores
+    and the filter's must agree exactly)."""
+    m, n = len(members), len(pooled)
+    # (M, B, P): member i's features, [max, mean] side by side as its head reads them
+    x = pooled.view(n, -1, m, pooled.shape[-1] // m).permute(2, 0, 1, 3).reshape(m, n, -1)
+    w1 = torch.stack([mb.head[0].weight.t() for mb in members])  # (M, P, H)
+    b1 = torch.stack([mb.head[0].bias for mb in members]).unsqueeze(1)  # (M, 1, H)
+    w2 = torch.stack([mb.head[3].weight.t() for mb in members])  # (M, H, 1)
+    b2 = torch.stack([mb.head[3].bias for mb in members]).unsqueeze(1)  # (M, 1, 1)
+    x = F.pad(x, (0, 0, 0, -n % HEAD_BLOCK))
+    out = torch.cat([torch.baddbmm(b2, F.relu(torch.baddbmm(b1, block, w1)), w2)
+                     for block in x.split(HEAD_BLOCK, dim=1)], dim=1)  # (M, B + pad, 1)
+    return out[:, :n, 0].mean(dim=0)
 
 
 class SecondaryLearner(nn.Module):
@@ -103,32 +185,22 @@ class SecondaryLearner(nn.Module):
         h = h.amax(dim=2) if self.pooling == "max" else torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
         return self.head(h).squeeze(-1)  # (B,)
 
+    def inputs(self):
+        """Each vocabulary token's frozen input vector: (V, D), or (V, D + k) with token features."""
+        if self.features is None:
+            return self.embed.weight
+        return torch.cat([self.embed.weight, self.features.weight], dim=1)
+
     @torch.no_grad()
     def token_tables(self):
-        """The convolution applied to every vocabulary token at once: (K, V, C), tap k's weights times each token's
-        frozen input vector. The inputs are frozen, so at inference the convolution is a sum of K table lookups
-        (``scores``), ~100x faster on a CPU than convolving the embeddings."""
-        table = self.embed.weight  # (V, D)
-        if self.features is not None:
-            table = torch.cat([table, self.features.weight], dim=1)  # (V, D + k)
-        return torch.einsum("vd,cdk->kvc", table, self.conv.weight)
+        """The convolution of every vocabulary token (TokenTables), a snapshot of the current weights: scoring
+        through it (``scores``) is K table lookups per position instead of a convolution over the embeddings."""
+        return TokenTables(self.inputs(), self.conv.weight, self.conv.bias)
 
     @torch.no_grad()
     def scores(self, ids, tables):
         """``forward`` at inference (eval mode) through ``token_tables``: (B, T) -> (B,)."""
-        return self.head_scores(lookup(ids, tables, self.conv.bias, self.conv.kernel_size[0], self.conv.padding[0]))
-
-    @torch.no_grad()
-    def head_scores(self, h):
-        """ReLU, pooling and the head on the convolution's pre-activations (B, L, C) -> (B,)."""
-        h = F.relu(h)
-        h = h.amax(dim=1) if self.pooling == "max" else torch.cat([h.amax(dim=1), h.mean(dim=1)], dim=1)
-        # the head's matrix products run on blocks of exactly HEAD_BLOCK rows (the last one zero-padded): a BLAS
-        # picks its kernel by the number of rows, so this way a context's score is the same bits however the
-        # contexts around it were batched (IGF's pool scores and the filter's must agree exactly)
-        n = len(h)
-        h = F.pad(h, (0, 0, 0, -n % HEAD_BLOCK))
-        return torch.cat([self.head(block) for block in h.split(HEAD_BLOCK)])[:n].squeeze(-1)
+        return head_scores(pooled_features(ids, tables, self.conv.padding[0], self.pooling), [self])
 
     def trainable_state(self):
         """Weights to save: everything but the frozen tables (the embedding copy and the token features), which
@@ -146,7 +218,8 @@ class LearnerEnsemble(nn.Module):
     Why: learners trained on the same labels with different seeds rank held-out labels about equally well, but
     keep different contexts (kept pools only 62-69 % alike), so a single learner's pool is partly a draw of its
     seed. The mean of M predictions averages that draw away. The members' convolutions are concatenated into one
-    table lookup (``token_tables``), so scoring costs one gather of width M * C per tap, not M gathers."""
+    table (``token_tables``), so scoring costs one lookup of width M * C per position, not M lookups, and their
+    heads run as one batched product (``head_scores``)."""
 
     def __init__(self, members):
         super().__init__()
@@ -168,15 +241,15 @@ class LearnerEnsemble(nn.Module):
 
     @torch.no_grad()
     def token_tables(self):
-        return torch.cat([m.token_tables() for m in self.members], dim=2)  # (K, V, M * C)
+        """Every member's convolution in one TokenTables, side by side (M * C wide): one lookup serves them all."""
+        convs = [m.conv for m in self.members]
+        return TokenTables(self.members[0].inputs(), torch.cat([c.weight for c in convs]),
+                           torch.cat([c.bias for c in convs]))
 
     @torch.no_grad()
     def scores(self, ids, tables):
-        width, conv = tables.shape[2] // len(self.members), self.members[0].conv
-        # one lookup pass for every member (the bias of member m is its slice), then each member's own head
-        h = lookup(ids, tables, torch.cat([m.conv.bias for m in self.members]), conv.kernel_size[0], conv.padding[0])
-        return torch.stack([m.head_scores(h[..., i * width:(i + 1) * width])
-                            for i, m in enumerate(self.members)]).mean(dim=0)
+        first = self.members[0]
+        return head_scores(pooled_features(ids, tables, first.conv.padding[0], first.pooling), self.members)
 
     def trainable_state(self):
         return {f"members.{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.trainable_state().items()}

@@ -105,7 +105,8 @@ def test_flags_checked():
 
 
 def test_filter_speed_benchmark_on_the_tiny_model(tiny_model, text_folders, tmp_path):
-    """benchmarks/filter_speed.py with a tiny learner and corpus: one row per size, sane figures, the table."""
+    """benchmarks/filter_speed.py with a tiny learner and corpus: one row per size and repeat, the tokenizer-alone
+    ceiling beside each, sane figures, the table."""
     import run_clm_igf
     from conftest import tiny_flags
 
@@ -117,14 +118,38 @@ def test_filter_speed_benchmark_on_the_tiny_model(tiny_model, text_folders, tmp_
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rows = filter_speed.main(["--output_dir", str(out), "--input", text_folders["train"], "--sizes_mb", "0.02",
-                                  "0.05", "--work_dir", str(tmp_path), "--json", str(tmp_path / "f.json")])
+                                  "0.05", "--repeats", "1", "--work_dir", str(tmp_path), "--json",
+                                  str(tmp_path / "f.json")])
     assert [r["megabytes"] >= mb for r, mb in zip(rows, (0.02, 0.05))] == [True, True]  # whole files, repeated
     for r in rows:
         assert r["contexts"] > 0 and r["tokens"] == 16 * r["contexts"] and 0 < r["kept"] <= r["contexts"]
-        assert r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 10e6 and r["start_up_seconds"] > 0
+        assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["ratio"] == pytest.approx(r["tokens_per_second"] / r["tokenizer_tokens_per_second"])
+        assert r["peak_rss_bytes"] > 10e6 and r["start_up_seconds"] > r["load_seconds"] > 0
     assert rows[1]["contexts"] > rows[0]["contexts"]
-    assert "| corpus | tokens | contexts |" in printed.getvalue()
+    assert "| tokenizer alone, tokens/s | filter, tokens/s | filter / tokenizer |" in printed.getvalue()
     assert json.load(open(tmp_path / "f.json")) == rows
+
+
+def test_filter_speed_benchmark_builds_learners_of_each_ensemble_size(tiny_model, text_folders, tmp_path):
+    """Without --output_dir: random learner folders of --ensembles members on the LM, each measured --repeats
+    times against the tokenizer alone, their z scale set so that --threshold 0 keeps some contexts, not all."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import filter_speed
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = filter_speed.main(["--model_name_or_path", tiny_model, "--ensembles", "1", "2", "--input",
+                                  text_folders["train"], "--sizes_mb", "0.03", "--repeats", "2", "--work_dir",
+                                  str(tmp_path)])
+    assert [(r["describe"], r["repeat"]) for r in rows] == [("one learner", 0), ("ensemble of 2", 0),
+                                                             ("one learner", 1), ("ensemble of 2", 1)]
+    for r in rows:
+        assert r["tokens"] == 32 * r["contexts"] and 0 < r["kept"] < r["contexts"] and r["learner_folder"]
+        assert r["ratio"] == pytest.approx(r["tokens_per_second"] / r["tokenizer_tokens_per_second"])
+    assert len({r["tokenizer_tokens_per_second"] for r in rows}) == 4  # the ceiling timed again before each run
+    table = printed.getvalue()
+    assert "| one learner, folder of " in table and "| ensemble of 2, folder of " in table
 
 
 def test_learner_ladder_on_the_tiny_model(tiny_model, text_folders, tmp_path):
