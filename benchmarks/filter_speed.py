@@ -85,10 +85,10 @@ def folder_bytes(folder):
 
 
 def corpus_contexts(corpus, tokenizer, context_len):
-    """Iterator of (contexts (n, T), origins) of ``corpus``, cut as the filter cuts it (its own functions)."""
-    from igf.filter import input_rows, tokenized_chunks, windows
+    """Iterator of (contexts (n, T), origins) of ``corpus``, cut as the filter cuts it (igf/contexts.py)."""
+    from igf.contexts import file_rows, tokenized_chunks, windows
 
-    rows = input_rows(types.SimpleNamespace(dataset_name=None, input=corpus, text_field="text"))
+    rows = file_rows(corpus, "text")
     return windows(tokenized_chunks(rows, tokenizer, types.SimpleNamespace(num_processes=1, rank=0)), context_len)
 
 
@@ -127,9 +127,10 @@ def random_learners(model_name_or_path, ensembles, corpus, work):
 def tokenizer_alone(folder, corpus, out):
     """Write {tokens, seconds} of the filter's input path alone over ``corpus`` with the tokenizer of ``folder``'s
     learner to the JSON file ``out``: rows read, tokenized and cut into windows, nothing scored or written."""
-    from igf.filter import load_learner
+    from igf.learner import Learner
 
-    learner = load_learner(folder)  # not timed, as the filter's load is not
+    # a learner folder, or the run in an output folder, as the filter loads them (not timed: nor is the filter's)
+    learner = Learner.from_pretrained(folder) if is_learner_folder(folder) else Learner.from_output_dir(folder)
     start, tokens = time.perf_counter(), 0
     for contexts, _ in corpus_contexts(corpus, learner.tokenizer, learner.context_len):
         tokens += contexts.numel()

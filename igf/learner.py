@@ -127,8 +127,8 @@ class Learner:
 
     @property
     def tables(self):
-        """(K, V, M * C): the convolution of every token, built on first use (scoring is table lookups, see
-        ``SecondaryLearner.scores``; saving needs none)."""
+        """The ensemble's token tables (secondary_learner.TokenTables: every member's convolution of each token,
+        rows built on first use; scoring is table lookups, see ``SecondaryLearner.scores``; saving needs none)."""
         if self._tables is None:
             self._tables = self.model.token_tables()
         return self._tables
