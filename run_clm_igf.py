@@ -162,9 +162,9 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
             stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(seed))  # shared by all methods
             mine_static[run, pipe.index, method] = select_batches(make_rule(method, inputs[pipe.index], seed),
                                                                   stream, ft.batch_size, ft.max_steps)
-        inputs[pipe.index].scorers = {}
-        if "rho" not in {m for _, m in mine}:
-            inputs[pipe.index].conditional = {}
+        inputs[pipe.index].scorers = {}  # only rho scores with a conditional model while training: free the rest
+        kept = {CONDITIONAL[m] for _, m in mine if m in ONLINE and m in CONDITIONAL}
+        inputs[pipe.index].conditional = {k: v for k, v in inputs[pipe.index].conditional.items() if k in kept}
         # ... and the pretrained loss of a sample of each plan's kept contexts (the selection report), in one pass
         samples.update({key: loss_sample(ft.max_steps * ft.batch_size, ft.report_loss_sample) for key in mine_static})
         losses.update(kept_losses(model, sets.train, mine_static, samples, ft, device))
