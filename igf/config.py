@@ -356,6 +356,8 @@ def validate(cfg: Config):
     for name, value in dict(weight_decay=ft.weight_decay, learner_weight_decay=ln.learner_weight_decay).items():
         if value < 0:
             raise IGFError(f"--{name} must be >= 0, got {value}")
+    if ft.refresh_labels < 10:  # z-scored, then split into a training part and a held-out fifth for the refit
+        raise IGFError(f"--refresh_labels must be at least 10, got {ft.refresh_labels}")
     if {"oracle_online", "igf_refresh"} & set(ft.methods) and ig.ig_optimizer != "sgd":
         raise IGFError("oracle_online and igf_refresh score with first-order SGD IG at the current weights; "
                        f"--ig_optimizer {ig.ig_optimizer} is not supported for them (use sgd, or drop them)")

@@ -292,3 +292,18 @@ def test_the_drift_table_by_hand():
     assert rows[2]["spearman_vs_previous"] == pytest.approx(-0.8)
     assert [r["top_half_overlap_with_step0"] for r in rows] == [1.0, 0.0, 1.0]
     assert [r["kjv_share_of_top_half"] for r in rows] == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--methods", "standard", "oracle_online", "--ig_optimizer", "adam"], "--ig_optimizer adam"),
+    (["--online_refresh_every", "0"], "--online_refresh_every"),
+    (["--refresh_labels", "3"], "--refresh_labels"),
+    (["--color_learning_rate", "nan"], "--color_learning_rate"),
+    (["--size_final_test_set", "-1"], "--size_final_test_set"),
+])
+def test_the_online_flags_refuse_what_cannot_run_in_one_line(flags, named, tmp_path):
+    from igf.config import parse_args
+    from igf.errors import IGFError
+
+    with pytest.raises(IGFError, match=named):
+        parse_args(["--output_dir", str(tmp_path / "o")] + flags)
