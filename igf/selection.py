@@ -180,20 +180,15 @@ def top_of_window(rows, values, batch_size):
 def select_batches(rule, stream, batch_size, num_batches):
     """The Plan of a run made before its first step: ``num_batches`` batches of ``batch_size`` kept rows from one
     candidate stream (a static rule: its scores do not depend on the model being trained)."""
-    if rule.online:
+    if rule.online or rule.window is not None:  # windows are the online rules' (they score at theta_t)
         raise ValueError("an online rule picks each batch when it is due (OnlineSelection), not before the run")
     meter = Meter()
     candidates = scored(stream, meter.wrap(rule.score, rule.fe_per_context), rule.chunk)
     plan = Plan([], [], [], setup=dict(rule.setup))
     for b in range(num_batches):
         fe, seconds = meter.fe, meter.seconds
-        if rule.window is not None:
-            rows = [next(candidates) for _ in range(rule.window(b))]
-            kept, drawn, threshold = top_of_window([r for r, _ in rows], [v for _, v in rows], batch_size), \
-                len(rows), None
-        else:
-            threshold = rule.threshold(b)
-            kept, drawn = select_batch(candidates, batch_size, threshold)
+        threshold = rule.threshold(b)
+        kept, drawn = select_batch(candidates, batch_size, threshold)
         plan.batches.append(kept)
         plan.drawn.append(drawn)
         plan.thresholds.append(None if rule.score is None or callable(threshold) else threshold)
@@ -454,7 +449,7 @@ def _igf_refresh(inputs, run_seed):
         nll = ig.refresh()
         rows = torch.randperm(len(lm.pool), generator=g)[: lm.refresh_labels]  # fresh pool contexts
         tokens = lm.pool[rows]
-        labels = torch.cat([ig(chunk) for chunk in tokens.split(lm.batch_size)])  # first-order IG at theta_t
+        labels = ig(tokens)  # first-order IG at theta_t (one weight save for all of them; forwards in batches)
         z = torch.tensor(zscore(labels.tolist())[0], dtype=torch.float32)
         metrics = train_learner(learner, tokens, z, ln.learner_val_fraction, lm.refresh_epochs,
                                 ln.learner_learning_rate, ln.learner_batch_size, g,
@@ -504,7 +499,7 @@ def control_settings(methods, pairs, ig_cfg, ft, learner_cfg):
         settings["ppl_direction"] = direction
     if "oracle" in methods:
         settings["oracle"] = f"first-order {ig_cfg.ig_optimizer} IG, lr {ig_cfg.ig_learning_rate}"
-    if set(ONLINE[:2]) & set(methods):
+    if {"oracle_online", "igf_refresh"} & set(methods):
         settings["online"] = {"ig": f"first-order sgd IG at theta_t, lr {ig_cfg.ig_learning_rate}",
                               "refresh_every": ft.online_refresh_every}
     if "igf_refresh" in methods:
