@@ -132,7 +132,7 @@ def tokenizer_alone(folder, corpus, out):
     # a learner folder, or the run in an output folder, as the filter loads them (not timed: nor is the filter's)
     learner = Learner.from_pretrained(folder) if is_learner_folder(folder) else Learner.from_output_dir(folder)
     start, tokens = time.perf_counter(), 0
-    for contexts, _ in corpus_contexts(corpus, learner.tokenizer, learner.context_len):
+    for contexts, _ in corpus_contexts(corpus, learner.text_tokenizer, learner.context_len):
         tokens += contexts.numel()
     artifacts.write_json(out, {"tokens": tokens, "seconds": time.perf_counter() - start})
 

@@ -150,8 +150,9 @@ def files_sha(files):
 
 
 def tokenizer_sha(tokenizer):
-    """Hash of a tokenizer's full definition (vocabulary, merges, normalizer), where the fast backend has one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    """Hash of a tokenizer's full definition (vocabulary, merges, normalizer), where the fast backend has one (a
+    transformers tokenizer or its ``tokenizers.Tokenizer``: the same hash)."""
+    backend = tokenizer if hasattr(tokenizer, "to_str") else getattr(tokenizer, "backend_tokenizer", None)
     return sha(backend.to_str().encode() if backend is not None else sorted(tokenizer.get_vocab().items()))
 
 

@@ -16,6 +16,7 @@ Everything else (the secondary learner, statistics, figure, config) is done and 
 the others wait for it. Without a launcher this is one process and every call here is trivial.
 """
 import contextlib
+import datetime
 import fcntl
 import os
 import sys
@@ -25,6 +26,7 @@ import torch
 from .errors import IGFError
 
 LOCK_FILE = ".igf.lock"
+WAIT_TIMEOUT = datetime.timedelta(hours=12)  # how long a process waits for the others (learners, a long stage)
 
 
 class Launch:
@@ -37,8 +39,10 @@ class Launch:
             from accelerate import PartialState
 
             # cpu=True on a GPU-less machine: gloo between CPU processes (else accelerate sees no devices and
-            # leaves every process alone, each believing it is the only one)
-            self.state = PartialState(cpu=not torch.cuda.is_available())
+            # leaves every process alone, each believing it is the only one). The timeout: the other processes
+            # wait while the main one trains the learners, which on 2 CPU cores took longer than torch's default
+            # 30 minutes (a 10-learner ensemble beside a study: the waiting process gave up and the launch died)
+            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_TIMEOUT)
         self.rank = self.state.process_index if self.state else 0
         self.num_processes = self.state.num_processes if self.state else 1
         self.is_main = self.rank == 0

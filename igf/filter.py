@@ -19,7 +19,7 @@ non-overlapping windows of the learner's context length (the tail is dropped), s
 gives the training pool's contexts.
 
 Scores are on the z scale of IGF's thresholds: (predicted IG - pool mean) / pool std, the training pool's mean
-and standard deviation recorded in the learner file (``selection.standardize``); a learner whose run selected on
+and standard deviation recorded in the learner file (``thresholds.standardize``); a learner whose run selected on
 raw predictions (--no-standardize_scores, recorded in its folder) scores raw predictions, as IGF did.
 ``--threshold Z`` keeps contexts with z >= Z, so filtering the training text at 0 keeps exactly the pool contexts
 that igf_constant at --constant_threshold 0 accepts.
@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .artifacts import AtomicOutput, commit
-from .contexts import ROWS_PER_CHUNK, dataset_rows, file_rows, tokenized_chunks, windows
+from .contexts import ROWS_PER_CHUNK, dataset_rows, decode_windows, file_rows, tokenized_chunks, windows
 from .distributed import Launch
 from .errors import IGFError
 from .learner import Learner, is_learner_folder
@@ -148,7 +148,7 @@ def run_filter(args, launch=None):
     if launch.is_main:
         print(f"learner: {learner.source} ({learner.describe()}); loaded in {learner.load_seconds:.1f} s"
               + (f"\n  warning (--allow_weak_learner): {refusal}" if refusal else ""), flush=True)
-    tokenizer, context_len, rows = learner.tokenizer, learner.context_len, input_rows(args)
+    tokenizer, context_len, rows = learner.text_tokenizer, learner.context_len, input_rows(args)
     main, outputs, error = launch.is_main, [], None
     if main:  # an unwritable output fails before any work, on every process
         try:
@@ -185,8 +185,9 @@ def run_filter(args, launch=None):
                 else:
                     rows = torch.nonzero(z >= threshold).flatten().tolist()
                     kept_ids = contexts[rows].tolist()
-                    for row, ids, text in zip(rows, kept_ids, tokenizer.batch_decode(kept_ids) if rows else []):
-                        kept_out.write(kept_record(text, ids, z[row].item(), origins[row]))
+                    for row, ids, text, zi in zip(rows, kept_ids, decode_windows(kept_ids, tokenizer) if rows else [],
+                                                  z[rows].tolist()):
+                        kept_out.write(kept_record(text, ids, zi, origins[row]))
                     kept += len(rows)
                 n += len(z)
                 bar.update(len(z))
@@ -205,7 +206,7 @@ def run_filter(args, launch=None):
                     if keep[i]:
                         r = json.loads(line)
                         ids = r.pop("input_ids")
-                        kept_out.write(kept_record(tokenizer.decode(ids), ids, r.pop("score"), r))
+                        kept_out.write(kept_record(decode_windows([ids], tokenizer)[0], ids, r.pop("score"), r))
             kept = k
             everything.discard()
             outputs.remove(everything)

@@ -33,12 +33,13 @@ import types
 import warnings
 
 import numpy as np
+import tokenizers
 import torch
 
 from . import artifacts
 from .artifacts import sha, trained_sha
 from .config import EMBEDDED_BOOKS
-from .contexts import as_lines, tokenize_rows, tokenized_chunks, windows
+from .contexts import as_lines, backend_of, tokenize_rows, tokenized_chunks, windows
 from .errors import IGFError
 from .secondary_learner import (
     POOLINGS,
@@ -49,7 +50,7 @@ from .secondary_learner import (
     load_saved_learner,
     predict,
 )
-from .selection import acceptance_rate, standardize
+from .thresholds import acceptance_rate, standardize
 
 KIND = "igf-secondary-learner"  # config.json's "igf_kind": what marks a folder as a learner folder
 FORMAT = 2  # of the folder's layout (2: content_sha covers config.json too, standardize recorded); others refused
@@ -114,8 +115,13 @@ class Learner:
     pool's z scale. ``score`` and ``score_rows`` cut text as the filter does; ``quality`` says whether to trust it."""
 
     def __init__(self, model, tokenizer, config, source=None, files=()):
+        """``tokenizer``: a transformers tokenizer, or the ``tokenizers.Tokenizer`` of the folder ``source`` (the
+        transformers one is then loaded from ``source`` on first use of ``tokenizer``)."""
         self.model = model.eval()
-        self.tokenizer, self.config = tokenizer, config
+        self.config = config
+        # what cuts and decodes text: the fast backend where there is one (no transformers import needed)
+        self.text_tokenizer = backend_of(tokenizer) or tokenizer
+        self._tokenizer = None if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer
         self.source = source  # where it was loaded from (the filter names it)
         self.files = list(files)  # every file or folder loading read (the filter never writes over one)
         self.context_len = config["context_len"]
@@ -124,6 +130,20 @@ class Learner:
         self.standardized = config.get("standardize", True)
         self._tables, self._warned = None, False
         self.load_seconds = 0.0
+
+    @property
+    def tokenizer(self):
+        """The LM's transformers tokenizer (``AutoTokenizer``), loaded from the folder on first use: scoring needs
+        only its fast backend (``text_tokenizer``), which gives the same token ids."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.source)
+            if artifacts.tokenizer_sha(tokenizer) != artifacts.tokenizer_sha(self.text_tokenizer):
+                raise IGFError(f"the tokenizer files in {self.source} changed after the learner was loaded; load "
+                               "it again")
+            self._tokenizer = tokenizer
+        return self._tokenizer
 
     @property
     def tables(self):
@@ -160,7 +180,6 @@ class Learner:
     def from_pretrained(cls, folder):
         """The learner saved in ``folder`` (``save_pretrained``), from that folder alone: no LM, no pickle."""
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer
 
         start = time.perf_counter()
         config = read_config(folder)
@@ -175,11 +194,7 @@ class Learner:
             raise IGFError(f"{folder} does not hold the config.json and weights recorded in its config.json (hash "
                            f"{got}, recorded {config.get('content_sha')}): it was altered or damaged; use the "
                            "folder as it was saved")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as e:
-            raise IGFError(f"cannot load the tokenizer in {folder} ({e.__class__.__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        tokenizer = load_tokenizer(folder)
         recorded = config["built_on"]["tokenizer"]
         if artifacts.tokenizer_sha(tokenizer) != recorded:
             raise IGFError(f"the tokenizer in {folder} (hash {artifacts.tokenizer_sha(tokenizer)}) is not the one "
@@ -261,7 +276,7 @@ class Learner:
 
     def z_scores(self, contexts):
         """IGF's score of token windows (N, T) -> (N,) float32, in blocks of SCORE_BATCH contexts: predicted IG on
-        the pool's z scale (``selection.standardize``), or raw when IGF ran with --no-standardize_scores."""
+        the pool's z scale (``thresholds.standardize``), or raw when IGF ran with --no-standardize_scores."""
         if len(contexts) == 0:
             return torch.zeros(0)
         scores = torch.cat([self.model.scores(c, self.tables) for c in contexts.split(SCORE_BATCH)])
@@ -271,7 +286,7 @@ class Learner:
         """(contexts (n, T), origins) per chunk of ``rows`` (an iterable of (text, origin)): each row tokenized
         on its own, the rows' tokens concatenated and cut into windows of the context length (the filter's cut)."""
         extra = {} if rows_per_chunk is None else {"rows_per_chunk": rows_per_chunk}
-        yield from windows(tokenized_chunks(rows, self.tokenizer, launch, **extra), self.context_len)
+        yield from windows(tokenized_chunks(rows, self.text_tokenizer, launch, **extra), self.context_len)
 
     def _warn_if_weak(self):
         refusal = self.gate_refusal()
@@ -305,7 +320,7 @@ class Learner:
         if not texts:
             return {SCORE_COLUMN: []}
         self._warn_if_weak()
-        ids = tokenize_rows(list(texts), self.tokenizer)
+        ids = tokenize_rows(list(texts), self.text_tokenizer)
         n = [len(x) // self.context_len for x in ids]
         cut = [x[: k * self.context_len].reshape(k, self.context_len) for x, k in zip(ids, n) if k]
         z = self.z_scores(torch.as_tensor(np.concatenate(cut), dtype=torch.int64)).double() if cut else None
@@ -314,6 +329,24 @@ class Learner:
             scores.append(z[start:start + k].mean().item() if k else math.nan)
             start += k
         return {SCORE_COLUMN: scores}
+
+
+def load_tokenizer(folder):
+    """The tokenizer of a learner folder: its fast backend read from tokenizer.json by ``tokenizers`` alone (no
+    transformers import: the filter starts ~1 s sooner), unless the folder has no tokenizer.json or its
+    tokenizer_config.json asks transformers to clean up spaces after decoding (the backend would not); then
+    transformers' ``AutoTokenizer``."""
+    config = os.path.join(folder, "tokenizer_config.json")
+    try:
+        cleans_up = os.path.exists(config) and bool(artifacts.read_json(config).get("clean_up_tokenization_spaces"))
+        if os.path.exists(os.path.join(folder, "tokenizer.json")) and not cleans_up:
+            return tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # a damaged or foreign file: tokenizers and transformers raise several types
+        raise IGFError(f"cannot load the tokenizer in {folder} ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def run_standardized(output_dir):

@@ -14,6 +14,7 @@ of the pooled features.
 Token features (``token_feature_table``) are counted from the data, with no LM forward pass: how rare a token is
 in the training pool, and how much more frequent it is in the objective set than in the pool (Moore-Lewis).
 """
+import contextlib
 import math
 
 import torch
@@ -21,14 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import IGFError
-from .statistics import correlations, spearman_ci
 
 HEAD_BLOCK = 2048  # rows per matrix product of the heads at inference (see head_scores)
 TABLE_BLOCK = 256  # vocabulary tokens per product when token tables are built (see TokenTables)
-LOOKUP_BYTES = 2 << 20  # the lookup's block of pre-activations on one thread: 2 MB, in a core's L2 (best measured)
-# with several torch threads every block is a parallel region whose threads wait for each other, and on a CPU shared
-# with other work that wait is a scheduler slice: fewer, larger blocks (M = 5, two threads beside a study: 2.5x faster)
-PARALLEL_LOOKUP_BYTES = 32 << 20
+LOOKUP_BYTES = 2 << 20  # the lookup's block of pre-activations: 2 MB, in a core's L2 (best measured)
 POOLINGS = ("max", "mean_max")  # over positions: the paper's max, or max and mean side by side
 FROZEN = ("embed.", "features.")  # state-dict prefixes rebuilt from the LM and the data, never saved
 
@@ -106,6 +103,19 @@ class TokenTables:
             self.filled[b] = True
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread inside: the lookups read memory at random, and split over threads they wait on each
+    other (measured on a 2-core AMD EPYC, the CPU to itself, M = 10: 1.6 s on one thread, 4.9 s on two). The
+    table's fill, a matrix product, keeps every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def pooled_features(ids, tables, pad, pooling="max"):
     """A Conv1d + ReLU + pooling over positions, through ``tables`` (TokenTables): (B, T) -> (B, M * C) for max
@@ -119,15 +129,16 @@ def pooled_features(ids, tables, pad, pooling="max"):
     length = padded.shape[1] - k_size + 1  # L, as Conv1d: T for an odd kernel
     bags = (padded.unfold(1, k_size, 1) * k_size + torch.arange(k_size)).reshape(-1, k_size)  # (B * L, K) rows
     out = torch.empty(len(ids), *((2,) if pooling == "mean_max" else ()), width)
-    block = LOOKUP_BYTES if torch.get_num_threads() == 1 else PARALLEL_LOOKUP_BYTES
-    step = max(1, block // (4 * length * width))  # contexts per block
-    for s in range(0, len(ids), step):
-        h = F.embedding_bag(bags[s * length:(s + step) * length], tables.table, mode="sum").view(-1, length, width)
-        if pooling == "max":
-            torch.amax(h, dim=1, out=out[s:s + step])
-        else:
-            out[s:s + step, 0] = h.amax(dim=1)
-            out[s:s + step, 1] = F.relu(h + tables.bias).mean(dim=1)
+    step = max(1, LOOKUP_BYTES // (4 * length * width))  # contexts per block
+    with one_thread():
+        for s in range(0, len(ids), step):
+            h = F.embedding_bag(bags[s * length:(s + step) * length], tables.table, mode="sum").view(-1, length,
+                                                                                                   width)
+            if pooling == "max":
+                torch.amax(h, dim=1, out=out[s:s + step])
+            else:
+                out[s:s + step, 0] = h.amax(dim=1)
+                out[s:s + step, 1] = F.relu(h + tables.bias).mean(dim=1)
     if pooling == "max":
         return F.relu(out + tables.bias)
     out[:, 0] = F.relu(out[:, 0] + tables.bias)
@@ -136,22 +147,27 @@ def pooled_features(ids, tables, pad, pooling="max"):
 
 @torch.no_grad()
 def head_scores(pooled, members):
-    """Each member's head on its slice of the pooled features, (B, [2,] M * C) -> the members' mean (B,), as one
-    batched product per layer (the heads are Linear + ReLU + Dropout + Linear, eval mode). The products run on
-    blocks of exactly HEAD_BLOCK rows (the last one zero-padded): a BLAS picks its kernel by the number of rows, so
-    this way a context's score is the same bits however the contexts around it were batched (IGF's pool scores
-    and the filter's must agree exactly)."""
+    """Each member's head on its slice of the pooled features, (B, [2,] M * C) -> the members' mean (B,) float32,
+    as one batched product per layer (the heads are Linear + ReLU + Dropout + Linear, eval mode), in float64.
+
+    Why float64: a context's score must be the same bits however the contexts around it were batched (IGF's pool
+    scores and the filter's must agree exactly), and a BLAS may round a row by its place in the matrix (MKL on a
+    2-core AMD EPYC with AVX2: one context in 50 differed in its last float32 bit, though the products ran on
+    blocks of the same HEAD_BLOCK rows). In float64 such differences are ~1e-16, and rounding the result to
+    float32 removes them (unless one lies within 1e-16 of a float32 rounding boundary: about once in 10^9
+    contexts). The products still run on blocks of exactly HEAD_BLOCK rows (the last one zero-padded), so the
+    kernel does not change with the number of contexts either. The heads are ~5 % of the scoring time."""
     m, n = len(members), len(pooled)
     # (M, B, P): member i's features, [max, mean] side by side as its head reads them
-    x = pooled.view(n, -1, m, pooled.shape[-1] // m).permute(2, 0, 1, 3).reshape(m, n, -1)
-    w1 = torch.stack([mb.head[0].weight.t() for mb in members])  # (M, P, H)
-    b1 = torch.stack([mb.head[0].bias for mb in members]).unsqueeze(1)  # (M, 1, H)
-    w2 = torch.stack([mb.head[3].weight.t() for mb in members])  # (M, H, 1)
-    b2 = torch.stack([mb.head[3].bias for mb in members]).unsqueeze(1)  # (M, 1, 1)
+    x = pooled.view(n, -1, m, pooled.shape[-1] // m).permute(2, 0, 1, 3).reshape(m, n, -1).double()
+    w1 = torch.stack([mb.head[0].weight.t() for mb in members]).double()  # (M, P, H)
+    b1 = torch.stack([mb.head[0].bias for mb in members]).unsqueeze(1).double()  # (M, 1, H)
+    w2 = torch.stack([mb.head[3].weight.t() for mb in members]).double()  # (M, H, 1)
+    b2 = torch.stack([mb.head[3].bias for mb in members]).unsqueeze(1).double()  # (M, 1, 1)
     x = F.pad(x, (0, 0, 0, -n % HEAD_BLOCK))
     out = torch.cat([torch.baddbmm(b2, F.relu(torch.baddbmm(b1, block, w1)), w2)
                      for block in x.split(HEAD_BLOCK, dim=1)], dim=1)  # (M, B + pad, 1)
-    return out[:, :n, 0].mean(dim=0)
+    return out[:, :n, 0].mean(dim=0).float()
 
 
 class SecondaryLearner(nn.Module):
@@ -343,6 +359,7 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
 
     Returns metrics: validation MSE, Pearson / Spearman on both splits, best epoch (and each member's).
     """
+    from .statistics import correlations  # scipy: only to measure a learner, so scoring starts without it
     train_idx, val_idx = split_pairs(len(z), val_fraction, generator)
     members = getattr(learner, "members", None)
     if members is None:
@@ -372,6 +389,7 @@ def train_learner(learner, tokens, z, val_fraction, epochs, lr, batch_size, gene
 def exact_validation_metrics(learner, pairs):
     """How the learner, the label estimator and a one-number rival (the context's own pretrained loss) rank the
     exact IG of the validation pairs, which nothing was trained on."""
+    from .statistics import correlations, spearman_ci  # scipy: only to measure a learner, so scoring starts without it
     validation = pairs.get("validation") or []
     if not validation:
         return {"n_exact": 0}
@@ -391,6 +409,7 @@ def heldout_metrics(learner, pairs):
     """How the learner (and each ensemble member, and the context's own pretrained loss) ranks the held-out labels
     (``pairs["heldout"]``, measured like the training labels, never trained or early-stopped on): Spearman with
     its bootstrap 95 % CI. This is the learner's quality that the gate reads."""
+    from .statistics import correlations, spearman_ci  # scipy: only to measure a learner, so scoring starts without it
     heldout = pairs.get("heldout") or []
     if not heldout:
         return {"n_heldout": 0}

@@ -64,7 +64,7 @@ from .finetune import conditional_model
 from .information_gain import context_losses, zscore
 from .secondary_learner import predict, train_learner
 from .statistics import correlations
-from .thresholds import threshold_schedule
+from .thresholds import acceptance_rate, standardize, threshold_schedule
 
 IGF_METHODS = ("igf_constant", "igf_shifting")
 CONTROLS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched", "color", "color_validation",
@@ -266,21 +266,9 @@ def score_scale(scores):
     return scores.mean().item(), std.item()
 
 
-def standardize(scores, mean, std):
-    """Predicted IG on the pool's z scale: (score - pool mean) / pool std. A regression learner shrinks its
-    predictions towards the mean, so on its raw scale a threshold of 1.0 can reject every context; on this scale
-    a threshold t keeps the contexts predicted t standard deviations above the pool's average."""
-    return (scores - mean) / std
-
-
 def standardize_scores(scores):
     """Predicted IG re-standardized over the pool itself (mean 0, std 1)."""
     return standardize(scores, *score_scale(scores))
-
-
-def acceptance_rate(scores, threshold):
-    """Fraction of the pool whose score passes ``threshold``."""
-    return (scores >= threshold).double().mean().item()
 
 
 def source_acceptance(scores, sources, num_sources, threshold):

@@ -1,10 +1,24 @@
-"""Acceptance thresholds on the predicted z-scored IG, as a function of the batch being filled (0-based).
+"""Acceptance thresholds on the predicted z-scored IG, as a function of the batch being filled (0-based), and the z
+scale they are on (``standardize``; pure functions, no import beyond the standard library's, so that the filter
+and ``igf.Learner`` start without the fine-tuning stack).
 
 A candidate context is kept when predicted_z >= threshold(batch). Constant thresholds keep the same fraction
 throughout; shifting thresholds are strict while the model is still close to pretrained (when the choice of
 contexts matters most, per the paper) and relax later, so fine-tuning is not starved of data.
 """
 import math
+
+
+def standardize(scores, mean, std):
+    """Predicted IG on the pool's z scale: (score - pool mean) / pool std. A regression learner shrinks its
+    predictions towards the mean, so on its raw scale a threshold of 1.0 can reject every context; on this scale
+    a threshold t keeps the contexts predicted t standard deviations above the pool's average."""
+    return (scores - mean) / std
+
+
+def acceptance_rate(scores, threshold):
+    """Fraction of the pool (a tensor of scores) whose score passes ``threshold``."""
+    return (scores >= threshold).double().mean().item()
 
 
 def constant_threshold(batch, value):

@@ -22,7 +22,8 @@ from igf.config import ONLINE_METHODS, stage_seed
 from igf.dsir import dsir_scores
 from igf.information_gain import context_losses
 from igf.secondary_learner import load_saved_learner, predict
-from igf.selection import RANDOM_SEED_OFFSET, candidate_stream, standardize
+from igf.selection import RANDOM_SEED_OFFSET, candidate_stream
+from igf.thresholds import standardize
 
 RUNS = 4
 # the static controls; the model-aware rules (first-order SGD IG at theta_t, conditional models) have tests of their

@@ -16,7 +16,7 @@ from conftest import ROOT, make_tiny_model, tiny_flags
 from igf import artifacts, assets, contexts, filter
 from igf.config import parse_args
 from igf.secondary_learner import load_saved_learner, predict
-from igf.selection import standardize
+from igf.thresholds import standardize
 
 FILTER = [sys.executable, "-m", "igf.filter"]
 

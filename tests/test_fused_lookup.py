@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from igf import secondary_learner
-from igf.secondary_learner import TABLE_BLOCK, LearnerEnsemble, SecondaryLearner, build_learner, predict
+from igf.secondary_learner import HEAD_BLOCK, TABLE_BLOCK, LearnerEnsemble, SecondaryLearner, build_learner, predict
 
 
 def reference_scores(learner, ids):
@@ -78,6 +78,10 @@ def test_a_context_scores_the_same_bits_in_any_batch_and_any_table_order(ensembl
     reversed_batches = torch.cat([learner.scores(chunk, tables) for chunk in ids.flip(0).split(7)]).flip(0)
     assert torch.equal(alone, reversed_batches)
     assert torch.equal(predict(learner, ids), alone) and torch.equal(predict(learner, ids, batch_size=3), alone)
+    # past one block of the heads' products: contexts at its end and in the next one, as when alone
+    many = torch.randint(0, vocab, (HEAD_BLOCK + 40, 12), generator=torch.Generator().manual_seed(6))
+    at = [0, 1, 5, HEAD_BLOCK - 7, HEAD_BLOCK - 2, HEAD_BLOCK - 1, HEAD_BLOCK, HEAD_BLOCK + 39]
+    assert torch.equal(predict(learner, many)[at], torch.cat([predict(learner, many[i:i + 1]) for i in at]))
 
 
 def test_tables_hold_only_the_rows_asked_for_and_snapshot_the_weights():
@@ -106,12 +110,26 @@ def test_each_member_scored_alone_averages_to_the_ensemble():
 
 @pytest.mark.parametrize("pooling", ["max", "mean_max"])
 def test_the_lookup_block_size_changes_no_bit(monkeypatch, pooling):
-    """Blocks of one context, of a few (ending mid-batch) and of the whole batch, on one thread or several."""
+    """Blocks of one context, of a few (ending mid-batch) and of the whole batch; the lookups run on one thread
+    and leave the caller's thread count as it was."""
     learner = _learner(300, 3, pooling)
     ids = torch.randint(0, 300, (23, 10), generator=torch.Generator().manual_seed(5))
     expected = predict(learner, ids)
     per_context = 4 * 10 * learner.members[0].conv.out_channels * 3  # bytes of one context's pre-activations
     for block in (1, 5 * per_context, 1 << 30):
         monkeypatch.setattr(secondary_learner, "LOOKUP_BYTES", block)
-        monkeypatch.setattr(secondary_learner, "PARALLEL_LOOKUP_BYTES", block)
         assert torch.equal(predict(learner, ids), expected), block
+    threads, seen = torch.get_num_threads(), []
+    lookup = F.embedding_bag
+
+    def recording(*args, **kwargs):  # the thread count each lookup runs with
+        seen.append(torch.get_num_threads())
+        return lookup(*args, **kwargs)
+
+    monkeypatch.setattr(secondary_learner.F, "embedding_bag", recording)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(predict(learner, ids), expected)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch
 import run_clm_igf
 from conftest import make_tiny_model, tiny_flags
 from igf import Learner, artifacts, filter
+from igf.contexts import decode_windows
 from igf.errors import IGFError
 from igf.learner import CARD, CONFIG, SCORE_COLUMN, WEIGHTS
 from igf.secondary_learner import describe_quality, gate_refusal
@@ -263,3 +266,45 @@ def test_the_filter_applies_the_gate(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out Spearman 0.80 (95 % CI 0.50 to 0.95, n = 16 held-out labels)" in printed
     assert "warning" not in printed
+
+
+def test_a_loaded_learner_scores_without_transformers_or_scipy(trained):
+    """Start-up: loading a learner folder and scoring text imports neither transformers nor scipy (its fast
+    tokenizer is read by ``tokenizers`` alone), and gives the scores of the same folder loaded in a process that
+    has imported both (its transformers tokenizer then cuts the windows of ``by_hand``)."""
+    out, _, lines = trained
+    code = ("import json, sys; from igf import Learner; "
+            f"z = Learner.from_pretrained({folder_of(out)!r}).score({lines[:40]!r}); "
+            "print(json.dumps([sorted(m for m in ('transformers', 'scipy') if m in sys.modules), z.tolist()]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    imported, z = json.loads(done.stdout)
+    assert imported == []
+    learner = Learner.from_pretrained(folder_of(out))
+    _, expected = by_hand(learner, lines[:40])  # the lazily loaded transformers tokenizer, a plain loop
+    assert len(z) == len(expected) > 0
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoded_windows_are_transformers_batch_decode(trained):
+    """The filter's text of a window (one call to the fast backend) is what transformers' batch_decode gives,
+    windows cut inside a word included; the lazily loaded transformers tokenizer has the backend's hash."""
+    out, _, lines = trained
+    learner = Learner.from_pretrained(folder_of(out))
+    ids = [t for line in lines[:60] for t in learner.tokenizer(line, add_special_tokens=False)["input_ids"]]
+    windows = [ids[i:i + 7] for i in range(0, len(ids) - 7, 5)]  # overlapping, odd lengths: cuts anywhere
+    assert decode_windows(windows, learner.text_tokenizer) == learner.tokenizer.batch_decode(windows)
+    assert artifacts.tokenizer_sha(learner.tokenizer) == artifacts.tokenizer_sha(learner.text_tokenizer)
+
+
+def test_tokenizer_files_changed_after_loading_are_refused(trained, tmp_path):
+    out, _, _ = trained
+    copy = shutil.copytree(folder_of(out), tmp_path / "copy")
+    learner = Learner.from_pretrained(str(copy))
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["added_tokens"] = spec.get("added_tokens", []) + [{"id": 10_000, "content": "<extra>", "single_word": False,
+                                                             "lstrip": False, "rstrip": False, "normalized": False,
+                                                             "special": True}]
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(IGFError, match="changed after the learner was loaded"):
+        learner.tokenizer  # noqa: B018

@@ -202,9 +202,9 @@ def test_candidate_stream_is_seeded_and_covers_each_pass():
 
 def test_acceptance_rate():
     scores = torch.tensor([-1.0, 0.0, 0.5, 2.0])
-    assert selection.acceptance_rate(scores, 0.0) == 0.75
-    assert selection.acceptance_rate(scores, 3.0) == 0.0
-    assert selection.acceptance_rate(scores, -5.0) == 1.0
+    assert thresholds.acceptance_rate(scores, 0.0) == 0.75
+    assert thresholds.acceptance_rate(scores, 3.0) == 0.0
+    assert thresholds.acceptance_rate(scores, -5.0) == 1.0
 
 
 def test_top_fraction_threshold():
