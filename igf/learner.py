@@ -138,6 +138,9 @@ class Learner:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
+            if self.source is None or not os.path.isdir(self.source):
+                raise IGFError("this Learner was given a tokenizers.Tokenizer and no folder: its transformers "
+                               "tokenizer is unknown (pass one to Learner, or load with Learner.from_pretrained)")
             tokenizer = AutoTokenizer.from_pretrained(self.source)
             if artifacts.tokenizer_sha(tokenizer) != artifacts.tokenizer_sha(self.text_tokenizer):
                 raise IGFError(f"the tokenizer files in {self.source} changed after the learner was loaded; load "
