@@ -308,3 +308,12 @@ def test_tokenizer_files_changed_after_loading_are_refused(trained, tmp_path):
     (copy / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(IGFError, match="changed after the learner was loaded"):
         learner.tokenizer  # noqa: B018
+
+
+def test_a_learner_given_a_bare_tokenizers_tokenizer_has_no_transformers_one(trained):
+    out, _, lines = trained
+    loaded = Learner.from_pretrained(folder_of(out))
+    bare = Learner(loaded.model, loaded.text_tokenizer, loaded.config)  # no folder to load transformers' from
+    np.testing.assert_array_equal(bare.score(lines[:20]), loaded.score(lines[:20]))
+    with pytest.raises(IGFError, match="its transformers tokenizer is unknown"):
+        bare.tokenizer  # noqa: B018
