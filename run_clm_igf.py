@@ -120,24 +120,28 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
             objective_id=sha(pipe.objective), scale=pipe.scale, sources=pool_sources,
             num_sources=len(sets.source_names), validation=sets.validation, validation_id=sha(sets.validation),
             learner_cfg=cfg.learner)
-    # run-major order, so an interrupted invocation leaves every method with about as many finished runs;
-    # with --pipeline_streams shared, standard does not depend on the pipeline, so it runs once per run index
+    # pipeline by pipeline: a pipeline's set-up (its LM scorers, conditional models and static plans: ~15 min per
+    # pipeline and process for the study's LM-scored rules on 2 cores) is made once and its runs follow, so an
+    # interrupted invocation loses at most one pipeline's set-up; within a pipeline run-major, so every method
+    # has about as many finished runs. With --pipeline_streams shared, standard does not depend on the pipeline,
+    # so it runs once per run index (with pipeline 0)
     shared = cfg.run.pipeline_streams == "shared"
     todo = []
-    for run, method in [(r, m) for r in range(ft.num_runs) for m in ft.methods]:
-        for pipe in pipelines[:1] if method == "standard" and shared else pipelines:
-            path = artifacts.run_path(out, method, pipe.index, run)
-            selection = selection_fingerprint(ft, method, pipe.learner_fp, about[pipe.index])
-            # the run's candidate stream by its seed: a pipeline's runs under shared streams are not its own runs
-            fingerprint = {**common, "method": method, "selection": selection, "stream": run_seed(cfg, pipe.index, run)}
-            model_dir = saved_models.model_dir(out, method)
-            if os.path.exists(path):
-                artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
-                # --save_models after the runs: run 0 is retrained (deterministic) and checked against its record
-                if ft.save_models and run == 0 and pipe.index == 0 and not saved_models.is_saved(model_dir):
-                    todo.append((run, pipe, method, path, fingerprint))
-            else:
+    for pipe, run, method in [(p, r, m) for p in pipelines for r in range(ft.num_runs) for m in ft.methods]:
+        if method == "standard" and shared and pipe.index > 0:
+            continue
+        path = artifacts.run_path(out, method, pipe.index, run)
+        selection = selection_fingerprint(ft, method, pipe.learner_fp, about[pipe.index])
+        # the run's candidate stream by its seed: a pipeline's runs under shared streams are not its own runs
+        fingerprint = {**common, "method": method, "selection": selection, "stream": run_seed(cfg, pipe.index, run)}
+        model_dir = saved_models.model_dir(out, method)
+        if os.path.exists(path):
+            artifacts.check_fingerprint(path, artifacts.read_json(path), fingerprint)
+            # --save_models after the runs: run 0 is retrained (deterministic) and checked against its record
+            if ft.save_models and run == 0 and pipe.index == 0 and not saved_models.is_saved(model_dir):
                 todo.append((run, pipe, method, path, fingerprint))
+        else:
+            todo.append((run, pipe, method, path, fingerprint))
     runs_to_train = len(todo)  # over every process
     todo = launch.deal(todo)  # this process's runs; each writes its own run files
     # 4a) a pipeline's pending static runs get their batches at the pretrained float32 weights, before they train;
