@@ -22,6 +22,10 @@ The filter runs with --allow_weak_learner: a benchmark's learner need not pass t
     python benchmarks/filter_speed.py                        # ~25 min on a 2-core CPU (10 and 100 MB, twice)
     python benchmarks/filter_speed.py --sizes_mb 10 --repeats 3 --ensembles 1 5 10
     python benchmarks/filter_speed.py --output_dir output/learner --sizes_mb 10 100 1000
+    python benchmarks/filter_speed.py --output_dir output/learner output/learner_distilled --sizes_mb 10
+
+(``output/learner_distilled``: ``python -m igf.distil output --output output/learner_distilled``, one learner
+trained on the ensemble's scores, named as such in the table.)
 """
 import argparse
 import json
@@ -183,7 +187,10 @@ def render(rows):
 def describe(folder):
     if not is_learner_folder(folder):
         return os.path.basename(os.path.normpath(folder))
-    m = artifacts.read_json(os.path.join(folder, "config.json"))["architecture"]["ensemble"]
+    config = artifacts.read_json(os.path.join(folder, "config.json"))
+    m, teacher = config["architecture"]["ensemble"], (config.get("distilled_from") or {}).get("teacher")
+    if teacher:  # python -m igf.distil: one learner trained on an ensemble's scores
+        return f"one learner distilled from {teacher['ensemble']}"
     return "one learner" if m == 1 else f"ensemble of {m}"
 
 

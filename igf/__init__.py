@@ -20,8 +20,10 @@ Modules, in the order the method uses them:
                          and Learner.score
     filter               python -m igf.filter, the command line only: a trained learner applied to new text, kept
                          contexts as JSONL
+    distillation         one learner trained on an ensemble's scores: its quality at one learner's cost
     learner              Learner: a trained learner as a shareable folder (from_pretrained / save_pretrained),
-                         scoring texts and datasets rows with no LM loaded (``from igf import Learner``)
+                         scoring texts and datasets rows with no LM loaded (``from igf import Learner``), distil
+    distil               python -m igf.distil, the command line only: an ensemble distilled into one learner folder
     distributed          several processes under accelerate launch: sharded labels and runs, one writer
     assets               offline default: SmolLM2-135M and public-domain books from PyPI packages
     artifacts            output-directory layout, atomic writes and outputs, fingerprints and hashes, resume checks

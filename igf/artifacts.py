@@ -48,7 +48,7 @@ import tempfile
 import torch
 
 from .errors import IGFError
-from .paths import within
+from .paths import touches, within
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -270,6 +270,16 @@ def read_torch(path):
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise IGFError(f"corrupt artifact {path} ({e.__class__.__name__}); delete it or use "
                        "--overwrite_output_dir") from None
+
+
+def touched_artifact(path, output_dir, pipeline=0):
+    """The name of the run artifact in ``output_dir`` (its own or pipeline ``pipeline``'s) that writing ``path``
+    would change, else None: a command's output must not replace the record it reads."""
+    for name in (*ALL, MANIFEST):
+        if touches(path, os.path.join(pipeline_dir(output_dir, pipeline), name)) or \
+                touches(path, os.path.join(output_dir, name)):
+            return name
+    return None
 
 
 def is_run_config(path):

@@ -62,13 +62,7 @@ from .paths import same_path, touches
 
 def load_learner(args):
     """The ``Learner`` the command line names: a learner folder, or the run in an output folder."""
-    if is_learner_folder(args.output_dir):
-        if args.model_name_or_path:
-            raise IGFError(f"{args.output_dir} is a learner folder: it carries its own embeddings and tokenizer, "
-                           "so --model_name_or_path (for an output folder) does not apply")
-        learner = Learner.from_pretrained(args.output_dir)
-    else:
-        learner = Learner.from_output_dir(args.output_dir, args.pipeline, args.model_name_or_path, args.cache_dir)
+    learner = Learner.from_path(args.output_dir, args.pipeline, args.model_name_or_path, args.cache_dir)
     if args.context_len is not None and args.context_len != learner.context_len:
         raise IGFError(f"the learner in {learner.source} was built on contexts of {learner.context_len} tokens, "
                        f"not --context_len {args.context_len}")
@@ -109,11 +103,10 @@ def check_outputs(args):
             raise IGFError(f"{flag} {path} lies inside the learner folder {folder} (it would replace or add to "
                            "the learner's files); write it elsewhere")
         if not learner_folder and os.path.isdir(folder):
-            for name in (*artifacts.ALL, artifacts.MANIFEST):
-                where = os.path.join(artifacts.pipeline_dir(folder, args.pipeline), name)
-                if touches(path, where) or touches(path, os.path.join(folder, name)):
-                    raise IGFError(f"{flag} {path} is the output folder's artifact {name} (the run's own record); "
-                                   "write it elsewhere")
+            name = artifacts.touched_artifact(path, folder, args.pipeline)
+            if name:
+                raise IGFError(f"{flag} {path} is the output folder's artifact {name} (the run's own record); "
+                               "write it elsewhere")
 
 
 def check_read_files(args, learner):

@@ -16,6 +16,7 @@ loaded: the paper's proposal (score a corpus once, keep what is informative for 
     learner = Learner.from_pretrained("output/learner")
     z = learner.score(["a line of text", "another line"])   # one z-score per context, as python -m igf.filter
     ds = ds.map(learner.score_rows, batched=True).filter(lambda r: r["igf_score"] >= 0)  # one score per row
+    learner.distil(lines).save_pretrained("fast")        # one learner trained on an ensemble's scores (its speed)
 
 The driver writes ``<pipeline folder>/learner/`` after the learner stage (``save_learner_folder``); the filter
 (``python -m igf.filter``) takes such a folder, or an output folder (``Learner.from_output_dir``), through this
@@ -25,6 +26,7 @@ config.json names (checked from the file's header, before anything is allocated)
 hash is not the recorded ``content_sha`` (an edited ``metrics`` or ``scale`` is as damaged as an edited weight), a
 tokenizer whose hash is not the recorded one. ``save_pretrained`` replaces only a learner folder (or an empty one).
 """
+import itertools
 import json
 import math
 import os
@@ -251,6 +253,17 @@ class Learner:
         learner.load_seconds = time.perf_counter() - start
         return learner
 
+    @classmethod
+    def from_path(cls, path, pipeline=0, model_name_or_path=None, cache_dir=None):
+        """The learner that ``path`` names: a learner folder (``from_pretrained``; ``model_name_or_path`` does not
+        apply to it and is refused), or the run in an output folder (``from_output_dir``)."""
+        if is_learner_folder(path):
+            if model_name_or_path:
+                raise IGFError(f"{path} is a learner folder: it carries its own embeddings and tokenizer, so "
+                               "--model_name_or_path (for an output folder) does not apply")
+            return cls.from_pretrained(path)
+        return cls.from_output_dir(path, pipeline, model_name_or_path, cache_dir)
+
     def save_pretrained(self, folder):
         """Write config.json, model.safetensors, the tokenizer files and README.md to ``folder``, through a
         temporary folder beside it (never a half-written learner). Only a missing or empty folder, or a learner
@@ -290,6 +303,43 @@ class Learner:
         on its own, the rows' tokens concatenated and cut into windows of the context length (the filter's cut)."""
         extra = {} if rows_per_chunk is None else {"rows_per_chunk": rows_per_chunk}
         yield from windows(tokenized_chunks(rows, self.text_tokenizer, launch, **extra), self.context_len)
+
+    def distil(self, texts, heldout=None, **options):
+        """A Learner of one network trained to give this learner's scores (igf/distillation.py): an ensemble's
+        quality at one learner's cost in the filter. ``texts``: the text to distil on (a list of lines, cut as
+        ``score`` cuts them) or its contexts (an (N, T) tensor); the training pool is best. ``heldout``: held-out
+        IG labels to measure it on as the driver measures a learner (``ig_pairs.json``'s ``heldout``, each with
+        its ``tokens``, ``ig`` and ``context_ppl``); without them its quality is unmeasured and the gate refuses
+        it. ``options``: ``distillation.distil``'s (epochs, lr, batch_size, patience, val_fraction, seed). The
+        student scores on this learner's scale: its z scale, threshold and ``standardize`` carry over."""
+        from .distillation import distil
+        from .secondary_learner import heldout_metrics
+
+        if isinstance(texts, (str, bytes)):
+            raise IGFError("Learner.distil takes a list of texts (or a tensor of contexts), not one string")
+        contexts = texts if isinstance(texts, torch.Tensor) else torch.cat(
+            [c for c, _ in self.contexts((line, None) for line in as_lines(texts))] or [torch.zeros(0, 1).long()])
+        if contexts.dim() != 2 or contexts.shape[1] != self.context_len or len(contexts) < 2:
+            raise IGFError(f"distilling needs at least 2 contexts of {self.context_len} tokens, got "
+                           f"{tuple(contexts.shape)}")
+        to_scale = (lambda s: standardize(s, self.mean, self.std)) if self.standardized else (lambda s: s)
+        try:
+            student, report = distil(self.model, contexts, to_scale=to_scale, **options)
+        except ValueError as e:
+            raise IGFError(str(e)) from None
+        teacher = {"ensemble": architecture(self.model)["ensemble"], "content_sha": self.config.get("content_sha"),
+                   "quality": self.quality,
+                   **{k: v for k, v in self.metrics.items() if k.startswith(("heldout_", "n_heldout"))
+                      and not k.endswith("per_member")}}
+        config = {k: v for k, v in self.config.items() if k in ("context_len", "scale", "built_on", "labels",
+                                                                  "trained_on", "standardize", "library_name")}
+        config["metrics"] = heldout_metrics(student, {"heldout": heldout}) if heldout else {}
+        config["distilled_from"] = {"teacher": teacher, **report}
+        # the transformers tokenizer, which save_pretrained writes (loaded from this learner's folder if need be)
+        has_folder = self.source is not None and os.path.isdir(self.source)
+        tokenizer = self._tokenizer if self._tokenizer is not None else (
+            self.tokenizer if has_folder else self.text_tokenizer)
+        return Learner(student, tokenizer, config)
 
     def _warn_if_weak(self):
         refusal = self.gate_refusal()
@@ -403,6 +453,15 @@ def config_problem(config):
             return f"metrics.{key} must be a correlation in [-1, 1], got {value!r}"
         if key.startswith("n_") and not _number(value, 0, integer=True):
             return f"metrics.{key} must be a count, got {value!r}"
+    distilled = config.get("distilled_from")
+    if distilled is not None and not (
+            isinstance(distilled, dict) and isinstance(distilled.get("teacher"), dict)
+            and _number(distilled["teacher"].get("ensemble"), 1, integer=True)
+            and all(_number(distilled.get(k), -1, 1) for k in ("agreement_spearman", "agreement_pearson"))
+            and all(_number(distilled.get(k), 0, 1) for k in ("kept_by_teacher", "kept_by_student",
+                                                               "teacher_kept_also_kept"))
+            and _number(distilled.get("contexts"), 2, integer=True)):
+        return "distilled_from must name its teacher's ensemble size, the contexts and the agreement in range"
     pool = config.get("pool") or {}
     if pool and not (isinstance(pool, dict) and _number(pool.get("acceptance_at_zero"), 0, 1) and
                      _number(pool.get("contexts"), 0, integer=True)):
@@ -552,6 +611,7 @@ def learner_card(config, name="learner"):
         f"{arch['pooling']} pooling -> {arch['hidden']} hidden -> z"
         + (f", with {arch['token_features']} token features" if arch["token_features"] else ""),
         f"- **quality:** {describe_quality(metrics)}{exact}",
+        *([_distilled_line(config["distilled_from"])] if config.get("distilled_from") else []),
         "- **pool acceptance at z >= 0:** " + (f"{pool['acceptance_at_zero']:.1%} of the {pool['contexts']:,} "
                                                "training-pool contexts" if pool else "n/a"),
         (f"- **z scale:** z = (predicted IG - mean) / SD, with the training pool's mean {config['scale']['mean']:.6g} "
@@ -564,6 +624,15 @@ def learner_card(config, name="learner"):
         "(one score per row: the mean over its windows). On files: `python -m igf.filter "
         f"{name} --input corpus/ --output kept.jsonl`.", ""]
     return "\n".join(header + [""] + lines)
+
+
+def _distilled_line(d):
+    """The card's line for a distilled learner (``Learner.distil``): its teacher and how alike they score."""
+    t = d["teacher"]
+    return (f"- **distilled** from an ensemble of {t['ensemble']} ({t.get('quality', 'quality n/a')}) on "
+            f"{d['contexts']:,} contexts: on the {d.get('n_val', 0):,} it was not trained on it ranks like the "
+            f"ensemble at Spearman {d['agreement_spearman']:.3f} and keeps {d['teacher_kept_also_kept']:.1%} of "
+            "what the ensemble keeps")
 
 
 # ----------------------------------------------------------------------------- written by the driver
@@ -622,6 +691,35 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
     Learner(pipe.learner, tokenizer, config).save_pretrained(folder)
     print(f"  wrote the learner folder {folder}: load it with igf.Learner.from_pretrained", flush=True)
     return folder
+
+
+def run_training_rows(output_dir):
+    """The rows of the text the run in ``output_dir`` trained on (an iterator of (text, origin)): cut as the filter
+    cuts them, they are its training pool, context for context. None when it trained on a hub dataset (or the
+    folder holds no run configuration)."""
+    from . import assets
+    from .contexts import file_rows
+
+    path = os.path.join(output_dir, artifacts.CONFIG)
+    if not artifacts.is_run_config(path):
+        return None
+    files = assets.resolve_text_files(types.SimpleNamespace(**artifacts.read_json(path)["data"]))
+    if files is None:
+        return None
+    return itertools.chain.from_iterable(file_rows(name) for name, _ in files["train"])
+
+
+def run_heldout_labels(output_dir, pipeline, pool):
+    """The held-out IG labels of the run in ``output_dir`` (pipeline ``pipeline``), each with its ``tokens`` put
+    back from ``pool`` (N, T), if ``pool`` is the pool they were measured on (the hash their fingerprint records);
+    else None."""
+    path = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.IG_PAIRS)
+    saved = artifacts.read_json(path) if os.path.exists(path) else None
+    if not isinstance(saved, dict) or (saved.get("fingerprint") or {}).get("train") != sha(pool):
+        return None
+    heldout = [p for p in saved.get("heldout") or [] if isinstance(p.get("context_index"), int)
+               and 0 <= p["context_index"] < len(pool)]
+    return [{**p, "tokens": pool[p["context_index"]].tolist()} for p in heldout] or None
 
 
 def is_fresh(folder, source):

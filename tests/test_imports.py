@@ -6,7 +6,7 @@ import os
 from conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "igf")
-COMMAND_LINES = {"filter"}  # python -m igf.filter; igf.assets is a library with a __main__ of its own
+COMMAND_LINES = {"filter", "distil"}  # python -m igf.filter, igf.distil; igf.assets is a library with a __main__
 
 
 def package_imports():
@@ -40,3 +40,4 @@ def test_no_import_circle_and_no_library_imports_a_command_line():
     assert [m for m in imports if m in reachable(m)] == []
     assert [m for m, deps in imports.items() if deps & COMMAND_LINES] == []
     assert "contexts" in imports["learner"] and "learner" in imports["filter"]  # data -> learner -> command line
+    assert "distillation" in imports["learner"] and "learner" in imports["distil"]
