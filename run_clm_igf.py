@@ -100,14 +100,22 @@ def _describe_files(files):
 
 # ----------------------------------------------------------------------------- 4) fine-tuning
 
-def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, launch):
-    ft, out = cfg.finetune, cfg.run.output_dir
+def finetune_fingerprint(cfg: Config, sets, ids):
+    """What every fine-tuning run's record depends on, whatever its method: model, data, seed, optimizer and
+    schedule (a run's fingerprint adds its method, its rule's settings and its candidate stream)."""
+    ft = cfg.finetune
     common = {**ids, "train": sha(sets.train), "test": sha(sets.test), "seed": cfg.run.seed,
               "optim": [ft.learning_rate, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.max_steps,
                         ft.eval_every, ft.eval_batch_size, ft.torch_dtype, ft.standardize_scores, ft.mixed_precision,
                         ft.report_loss_sample]}
     if sets.final_test is not None:  # only then: runs measured without it stay valid
         common["final_test"] = sha(sets.final_test)
+    return common
+
+
+def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, launch):
+    ft, out = cfg.finetune, cfg.run.output_dir
+    common = finetune_fingerprint(cfg, sets, ids)
     section("4) fine-tuning", methods=" ".join(ft.methods), runs_per_method=ft.num_runs,
             pipelines=cfg.run.num_pipelines, batches=f"{ft.max_steps} x {ft.batch_size} contexts",
             test_set=f"{len(sets.test)} contexts" + (f" (and {len(sets.final_test)} after the last batch)"

@@ -202,3 +202,70 @@ def test_learner_ladder_on_the_tiny_model(tiny_model, text_folders, tmp_path):
         longer = learner_ladder.main(argv[:-6] + ["--epochs", "4", "--patience", "1"] + argv[-2:])
     assert len(longer) == len(more) + len(records) and {r["epochs"] for r in longer[len(more):]} == {4}
     assert " #0: held-out" in other.getvalue()
+
+
+def test_refresh_every_benchmark_reproduces_the_drivers_oracle_online(tiny_model, text_folders, tmp_path, monkeypatch,
+                                                                     capsys):
+    """benchmarks/refresh_every.py on a tiny study: at the driver's --online_refresh_every (its default, 4) every run
+    is the driver's own oracle_online run (same scores, kept rows and perplexities, bit for bit), each run pairs with
+    the study's saved standard run, each k's selection cost is its objective gradients plus its windows, and a rerun
+    loads every finished (k, run) instead of training it again."""
+    import run_clm_igf
+    from conftest import set_flag, tiny_flags
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import refresh_every
+
+    study, bench = tmp_path / "study", tmp_path / "bench"
+    flags = set_flag(tiny_flags(tiny_model, text_folders, study), "--ig_optimizer", "sgd")  # oracle_online's IG
+    flags = set_flag(set_flag(flags, "--methods", "standard", "oracle_online"), "--max_steps", "5")
+    flags = set_flag(flags, "--size_final_test_set", "32")
+    assert run_clm_igf.main(flags) == 0
+    i = flags.index("--output_dir")
+    driver = flags[:i] + flags[i + 2:]  # the study's flags but its folder, which --study names
+    argv = ["--study", str(study), "--preset", "default", "--refresh_every", "1", "4", "--runs", "2",
+            "--output_dir", str(bench), "--json", str(tmp_path / "rows.json"), *driver]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = refresh_every.main(argv)
+    assert [(r["k"], r["runs"], r["gradients_per_run"]) for r in rows] == [(1, 2, 5), (4, 2, 2)]
+    entries = {(k, r): json.load(open(refresh_every.entry_path(str(bench), 0, k, r))) for k in (1, 4) for r in (0, 1)}
+    study_runs = {(m, r): json.load(open(artifacts.run_path(str(study), m, 0, r)))
+                  for m in ("standard", "oracle_online") for r in (0, 1)}
+    for r in (0, 1):
+        mine, theirs = entries[4, r]["record"], study_runs["oracle_online", r]
+        for key in ("test_ppl", "final_test_ppl_large", "kept_rows", "scores", "train_loss", "cost", "seed"):
+            assert mine[key] == theirs[key], key
+        assert entries[4, r]["fingerprint"] == theirs["fingerprint"]  # the same run, as the driver names it
+        # k = 1 recomputes the gradient after step 1: the first batch is scored alike, the second not
+        other = entries[1, r]["record"]
+        assert other["scores"][0] == mine["scores"][0] and other["scores"][1] != mine["scores"][1]
+        for k, e in ((k, entries[k, r]["record"]) for k in (1, 4)):
+            gradients = refresh_every.gradients_per_run(5, k)
+            assert sum(e["cost"]["selection"]) == 2.0 * sum(e["candidates_drawn"]) + gradients * 3.0 * 8
+    by_k = {r["k"]: r for r in rows}
+    assert by_k[4]["vs_study_online"] == 0.0 and by_k[4]["vs_study_online_large"] == 0.0
+    assert by_k[4]["pairs_study_online"] == 2 and "vs_study_online" not in by_k[1]
+    for k in (1, 4):
+        ppl = [entries[k, r]["record"]["test_ppl"][-1] for r in (0, 1)]
+        large = [entries[k, r]["record"]["final_test_ppl_large"] for r in (0, 1)]
+        std = [study_runs["standard", r]["test_ppl"][-1] for r in (0, 1)]
+        std_large = [study_runs["standard", r]["final_test_ppl_large"] for r in (0, 1)]
+        assert by_k[k]["test_ppl"] == pytest.approx(sum(ppl) / 2, rel=1e-12)
+        assert by_k[k]["vs_standard"] == pytest.approx((ppl[0] - std[0] + ppl[1] - std[1]) / 2, rel=1e-9)
+        assert by_k[k]["vs_standard_large"] == pytest.approx((large[0] - std_large[0] + large[1] - std_large[1]) / 2,
+                                                             rel=1e-9)
+        assert by_k[k]["pairs_standard"] == 2 and by_k[k]["seconds_per_run"] > 0
+    assert by_k[1]["selection_fe_per_run"] > by_k[4]["selection_fe_per_run"]
+    assert "| 4 | 2 | 2 |" in printed.getvalue() and json.load(open(tmp_path / "rows.json"))["rows"] == rows
+    # resumed: every (k, run) is loaded, none trained again
+    monkeypatch.setattr(refresh_every, "finetune_run", lambda *a, **kw: pytest.fail("a finished run was trained"))
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        assert refresh_every.main(argv) == rows
+    assert again.getvalue().count(": saved in ") == 4
+    # the study folder is only read: an output inside it is refused before any work
+    assert argv[9] == "--output_dir"
+    with pytest.raises(SystemExit):
+        refresh_every.main(argv[:9] + ["--output_dir", str(study / "x")] + argv[11:])
+    assert "which this benchmark only reads" in capsys.readouterr().err and not os.path.exists(study / "x")

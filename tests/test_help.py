@@ -16,12 +16,14 @@ COMMANDS = {  # what a user types -> what the usage line names
     "driver": [sys.executable, "run_clm_igf.py"],
     "assets": [sys.executable, "-m", "igf.assets"],
     "filter": [sys.executable, "-m", "igf.filter"],
+    "distil": [sys.executable, "-m", "igf.distil"],
     "ig_speed": [sys.executable, "benchmarks/ig_speed.py"],
     "ig_signal": [sys.executable, "benchmarks/ig_signal.py"],
     "filter_speed": [sys.executable, "benchmarks/filter_speed.py"],
     "learner_ladder": [sys.executable, "benchmarks/learner_ladder.py"],
     "ig_drift": [sys.executable, "benchmarks/ig_drift.py"],
     "color_conditional": [sys.executable, "benchmarks/color_conditional.py"],
+    "refresh_every": [sys.executable, "benchmarks/refresh_every.py"],
 }
 
 
@@ -63,7 +65,8 @@ def test_every_help_string_formats():
         assert f.metadata["help"].replace("%", "%%") in [a.help for a in parser._actions], f.name
 
 
-@pytest.mark.parametrize("name", ["assets", "filter", "ig_speed", "ig_signal", "filter_speed"])
+@pytest.mark.parametrize("name", ["assets", "filter", "distil", "ig_speed", "ig_signal", "filter_speed",
+                                  "refresh_every"])
 def test_every_entry_point_answers_help_without_working(name, tmp_path):
     env = {**os.environ, "IGF_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     code, out, err = run(COMMANDS[name] + ["--help"], env=env)
