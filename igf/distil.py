@@ -85,6 +85,8 @@ def run_distil(args):
                            "write it elsewhere")
     print(f"teacher: {learner.source} ({learner.describe()})", flush=True)
     contexts, where, heldout = training_text(args, learner)
+    if len(contexts) < 2:
+        raise IGFError(f"{where} has fewer than 2 contexts of {learner.context_len} tokens: nothing to distil on")
     print(f"distilling on {len(contexts):,} contexts of {where}"
           + ("; measured on the run's held-out labels" if heldout else
              "; held-out quality not measured (no held-out labels for this text)"), flush=True)

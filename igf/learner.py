@@ -175,6 +175,9 @@ class Learner:
     def describe(self):
         arch = self.config.get("architecture") or architecture(self.model)
         members = "one learner" if arch["ensemble"] == 1 else f"an ensemble of {arch['ensemble']} learners"
+        teacher = (self.config.get("distilled_from") or {}).get("teacher")
+        if teacher:
+            members += f" distilled from an ensemble of {teacher['ensemble']}"
         scale = "" if self.standardized else "; raw predicted IG (IGF ran with --no-standardize_scores)"
         return f"{members} for {self.config['built_on']['model']}, contexts of {self.context_len} tokens; " \
                f"{self.quality}{scale}"

@@ -89,6 +89,7 @@ def test_from_an_output_folder_it_is_measured_on_the_runs_heldout_labels(run, tm
     scale = student.config["scale"]
     z = student.z_scores(tokens).double()
     assert torch.allclose(z, (forward(student.model, tokens) - scale["mean"]) / scale["std"], atol=1e-4)
+    assert "one learner distilled from an ensemble of 3" in student.describe()
     card = open(target / "README.md", encoding="utf-8").read()
     assert "distilled** from an ensemble of 3" in card
 
@@ -142,6 +143,10 @@ def test_an_output_that_would_replace_what_it_reads_or_the_users_files_is_refuse
     one_error_line(capsys, [folder, "--output", tmp_path / "s"], "give --input")
     one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--val_fraction", "1"],
                    "--val_fraction")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("the king\n", encoding="utf-8")
+    one_error_line(capsys, [folder, "--input", empty, "--output", tmp_path / "s"], "nothing to distil on")
+    assert not os.path.exists(tmp_path / "s")
     assert (mine / "notes.txt").read_text(encoding="utf-8") == "mine" and os.listdir(mine) == ["notes.txt"]
     assert before == {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
     with pytest.raises(Exception, match="not one string"):
