@@ -43,7 +43,7 @@ from igf import artifacts, assets  # noqa: E402
 from igf.config import EMBEDDED_MODEL, ArgumentParser  # noqa: E402
 from igf.data import text_files  # noqa: E402
 from igf.errors import IGFError  # noqa: E402
-from igf.learner import is_learner_folder  # noqa: E402
+from igf.learner import is_learner_folder, teacher_name  # noqa: E402
 
 CONTEXT_LEN = 32  # the driver's default
 SCALE_CONTEXTS = 100_000  # contexts that set a random learner's z scale (the first, of the first corpus)
@@ -190,7 +190,7 @@ def describe(folder):
     config = artifacts.read_json(os.path.join(folder, "config.json"))
     m, teacher = config["architecture"]["ensemble"], (config.get("distilled_from") or {}).get("teacher")
     if teacher:  # python -m igf.distil: one learner trained on an ensemble's scores
-        return f"one learner distilled from {teacher['ensemble']}"
+        return f"one learner distilled from {teacher_name(teacher)}"
     return "one learner" if m == 1 else f"ensemble of {m}"
 
 

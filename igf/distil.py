@@ -14,9 +14,12 @@ of the contexts it was not trained on, printed, and written in its folder's conf
 
 --output is written by ``Learner.save_pretrained``: a new or empty folder, or a learner folder holding nothing
 else. It may not be the source, a file or folder the learner was loaded from, an artifact of the source run, or lie
-inside the --input folder; each is refused in one line before any work.
+inside the --input folder or among the run's training text; each is refused in one line before any training.
+--max_contexts takes the first contexts of --input or --dataset_name (all of them are held in memory, 256 bytes
+each), or a seeded sample of the run's pool (whose held-out labels are checked against the whole pool).
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -27,8 +30,8 @@ from . import artifacts, distillation
 from .artifacts import replaceable
 from .contexts import dataset_rows, file_rows
 from .errors import IGFError
-from .learner import Learner, is_learner_folder, is_replaceable_folder, run_heldout_labels, run_training_rows
-from .paths import same_path, touches
+from .learner import Learner, is_learner_folder, is_replaceable_folder, run_heldout_labels, run_training_files
+from .paths import same_path, touches, within
 
 
 def check_output(args):
@@ -44,35 +47,53 @@ def check_output(args):
                            "elsewhere")
     if args.input and touches(out, args.input):
         raise IGFError(f"--output {out} is (or lies inside) the --input {args.input}; write it elsewhere")
+    for name in training_files(args) or []:
+        if touches(out, name) or within(out, os.path.dirname(name)):
+            raise IGFError(f"--output {out} lies among the run's training text ({os.path.dirname(name)}), which this "
+                           "command reads (and the next run would read it as text); write it elsewhere")
     why = replaceable(out, is_replaceable_folder)
     if why:
         raise IGFError(f"will not save the learner to {out}: {why}; give a new or empty folder")
 
 
+def training_files(args):
+    """The source run's training files, when the student is distilled on its pool (an output folder, no --input or
+    --dataset_name), else None."""
+    if args.input or args.dataset_name or not os.path.isdir(args.source) or is_learner_folder(args.source):
+        return None
+    return run_training_files(args.source, args.cache_dir)
+
+
 def training_text(args, learner):
-    """(contexts (N, T), where they came from, held-out labels or None): --input or --dataset_name, else the
-    source run's own training pool with its held-out labels."""
+    """(contexts (N, T), what they are, held-out labels or None, why there are none): --input or --dataset_name
+    (their first --max_contexts contexts), else the source run's own training pool (a seeded sample of
+    --max_contexts of it) with the run's held-out labels, checked against the pool they were measured on."""
+    files = training_files(args)
     if args.dataset_name:
         rows, where = dataset_rows(args.dataset_name, args.dataset_config_name, args.split, args.text_field), \
             f"{args.dataset_name} ({args.split})"
     elif args.input:
-        rows, where = file_rows(args.input, args.text_field), args.input
+        rows, where = file_rows(args.input, args.text_field), os.path.basename(os.path.normpath(args.input))
+    elif files is not None:
+        rows, where = itertools.chain.from_iterable(file_rows(name) for name in files), "the run's training pool"
     else:
-        rows = None if is_learner_folder(args.source) else run_training_rows(args.source)
-        if rows is None:
-            raise IGFError(f"{args.source} names no training text this command can read (a learner folder, or a run "
-                           "on a hub dataset): give --input or --dataset_name")
-        where = f"the training pool of {args.source}"
-    cut = []
+        raise IGFError(f"{args.source} names no training text this command can read (a learner folder, or a run on "
+                       "a hub dataset): give --input or --dataset_name")
+    cut, limit = [], None if files is not None else args.max_contexts  # the whole pool: its hash names the labels
     for contexts, _ in learner.contexts(rows):
         cut.append(contexts)
-        if args.max_contexts and sum(len(c) for c in cut) >= args.max_contexts:
+        if limit and sum(len(c) for c in cut) >= limit:
             break
-    contexts = torch.cat(cut)[: args.max_contexts] if cut else torch.zeros(0, learner.context_len, dtype=torch.long)
-    heldout = None
+    contexts = torch.cat(cut)[:limit] if cut else torch.zeros(0, learner.context_len, dtype=torch.long)
+    heldout, why = None, "a learner folder holds no held-out labels"
     if not is_learner_folder(args.source):
         heldout = run_heldout_labels(args.source, args.pipeline, contexts)
-    return contexts, where, heldout
+        why = "the run's held-out labels were measured on another pool than this text"
+    if files is not None and args.max_contexts and args.max_contexts < len(contexts):
+        sample = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(args.seed))
+        contexts = contexts[sample[: args.max_contexts].sort().values]
+        where = f"a sample of the run's training pool (seed {args.seed})"
+    return contexts, where, heldout, why
 
 
 def run_distil(args):
@@ -84,22 +105,22 @@ def run_distil(args):
             raise IGFError(f"--output {args.output} is (or lies inside) {read}, which the learner was loaded from; "
                            "write it elsewhere")
     print(f"teacher: {learner.source} ({learner.describe()})", flush=True)
-    contexts, where, heldout = training_text(args, learner)
+    contexts, where, heldout, why = training_text(args, learner)
     if len(contexts) < 2:
         raise IGFError(f"{where} has fewer than 2 contexts of {learner.context_len} tokens: nothing to distil on")
     print(f"distilling on {len(contexts):,} contexts of {where}"
           + ("; measured on the run's held-out labels" if heldout else
-             "; held-out quality not measured (no held-out labels for this text)"), flush=True)
+             f"; held-out quality not measured ({why})"), flush=True)
     start = time.perf_counter()
-    student = learner.distil(contexts, heldout=heldout, epochs=args.epochs, lr=args.learning_rate,
+    student = learner.distil(contexts, heldout=heldout, description=where, epochs=args.epochs, lr=args.learning_rate,
                              batch_size=args.batch_size, patience=args.patience, val_fraction=args.val_fraction,
                              seed=args.seed)
-    d = student.config["distilled_from"]
-    print(f"student: one learner, {student.quality}; on {d['n_val']:,} contexts it was not trained on it ranks "
-          f"like the teacher at Spearman {d['agreement_spearman']:.3f} and keeps "
-          f"{d['teacher_kept_also_kept']:.1%} of what the teacher keeps ({d['kept_by_student']:.1%} against "
-          f"{d['kept_by_teacher']:.1%} kept); best epoch {d['best_epoch']} of {d['epochs']}, "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    d, kept = student.config["distilled_from"], student.config["distilled_from"]["teacher_kept_also_kept"]
+    print(f"student: one learner, {student.quality}; on the {d['n_val']:,} contexts held out of its training it "
+          f"ranks like the teacher at Spearman {d['agreement_spearman']:.3f}"
+          + (f" and keeps {kept:.1%} of what the teacher keeps" if kept is not None else "")
+          + f" ({d['kept_by_student']:.1%} against {d['kept_by_teacher']:.1%} kept); best epoch {d['best_epoch']} of "
+          f"{d['epochs']}, {time.perf_counter() - start:.0f} s", flush=True)
     student.save_pretrained(args.output)
     print(f"wrote {args.output}: python -m igf.filter {args.output} --input ... --output kept.jsonl", flush=True)
     return student
@@ -121,7 +142,8 @@ def build_parser():
     p.add_argument("--dataset_name", help="a hub dataset to distil on instead of --input (streamed)")
     p.add_argument("--dataset_config_name", help="its configuration")
     p.add_argument("--split", default="train", help="its split")
-    p.add_argument("--max_contexts", type=int, help="distil on the first this many contexts (default: all)")
+    p.add_argument("--max_contexts", type=int, help="distil on this many contexts (default: all): the first of "
+                   "--input or --dataset_name, a seeded sample of a run's pool")
     p.add_argument("--pipeline", type=int, default=0, help="whose learner, with --num_pipelines > 1")
     p.add_argument("--model_name_or_path", help="the LM an output folder's learner was built on, if it has moved")
     p.add_argument("--cache_dir", help="where embedded assets are (default: $IGF_CACHE_DIR, else ~/.cache/igf)")

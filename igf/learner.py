@@ -26,7 +26,6 @@ config.json names (checked from the file's header, before anything is allocated)
 hash is not the recorded ``content_sha`` (an edited ``metrics`` or ``scale`` is as damaged as an edited weight), a
 tokenizer whose hash is not the recorded one. ``save_pretrained`` replaces only a learner folder (or an empty one).
 """
-import itertools
 import json
 import math
 import os
@@ -177,7 +176,7 @@ class Learner:
         members = "one learner" if arch["ensemble"] == 1 else f"an ensemble of {arch['ensemble']} learners"
         teacher = (self.config.get("distilled_from") or {}).get("teacher")
         if teacher:
-            members += f" distilled from an ensemble of {teacher['ensemble']}"
+            members += f" distilled from {teacher_name(teacher)}"
         scale = "" if self.standardized else "; raw predicted IG (IGF ran with --no-standardize_scores)"
         return f"{members} for {self.config['built_on']['model']}, contexts of {self.context_len} tokens; " \
                f"{self.quality}{scale}"
@@ -307,14 +306,15 @@ class Learner:
         extra = {} if rows_per_chunk is None else {"rows_per_chunk": rows_per_chunk}
         yield from windows(tokenized_chunks(rows, self.text_tokenizer, launch, **extra), self.context_len)
 
-    def distil(self, texts, heldout=None, **options):
+    def distil(self, texts, heldout=None, description=None, **options):
         """A Learner of one network trained to give this learner's scores (igf/distillation.py): an ensemble's
         quality at one learner's cost in the filter. ``texts``: the text to distil on (a list of lines, cut as
         ``score`` cuts them) or its contexts (an (N, T) tensor); the training pool is best. ``heldout``: held-out
         IG labels to measure it on as the driver measures a learner (``ig_pairs.json``'s ``heldout``, each with
         its ``tokens``, ``ig`` and ``context_ppl``); without them its quality is unmeasured and the gate refuses
-        it. ``options``: ``distillation.distil``'s (epochs, lr, batch_size, patience, val_fraction, seed). The
-        student scores on this learner's scale: its z scale, threshold and ``standardize`` carry over."""
+        it. ``description``: what the text is, for the student's card. ``options``: ``distillation.distil``'s
+        (epochs, lr, batch_size, patience, val_fraction, seed). The student scores on this learner's scale: its z
+        scale, threshold and ``standardize`` carry over."""
         from .distillation import distil
         from .secondary_learner import heldout_metrics
 
@@ -325,9 +325,12 @@ class Learner:
         if contexts.dim() != 2 or contexts.shape[1] != self.context_len or len(contexts) < 2:
             raise IGFError(f"distilling needs at least 2 contexts of {self.context_len} tokens, got "
                            f"{tuple(contexts.shape)}")
+        vocab = architecture(self.model)["vocab_size"]
+        if contexts.dtype not in (torch.int32, torch.int64) or contexts.min() < 0 or contexts.max() >= vocab:
+            raise IGFError(f"the contexts must be token ids in [0, {vocab}) of this learner's vocabulary")
         to_scale = (lambda s: standardize(s, self.mean, self.std)) if self.standardized else (lambda s: s)
         try:
-            student, report = distil(self.model, contexts, to_scale=to_scale, **options)
+            student, report = distil(self.model, contexts.long(), to_scale=to_scale, **options)
         except ValueError as e:
             raise IGFError(str(e)) from None
         teacher = {"ensemble": architecture(self.model)["ensemble"], "content_sha": self.config.get("content_sha"),
@@ -337,7 +340,7 @@ class Learner:
         config = {k: v for k, v in self.config.items() if k in ("context_len", "scale", "built_on", "labels",
                                                                   "trained_on", "standardize", "library_name")}
         config["metrics"] = heldout_metrics(student, {"heldout": heldout}) if heldout else {}
-        config["distilled_from"] = {"teacher": teacher, **report}
+        config["distilled_from"] = {"teacher": teacher, **({"text": description} if description else {}), **report}
         # the transformers tokenizer, which save_pretrained writes (loaded from this learner's folder if need be)
         has_folder = self.source is not None and os.path.isdir(self.source)
         tokenizer = self._tokenizer if self._tokenizer is not None else (
@@ -460,11 +463,15 @@ def config_problem(config):
     if distilled is not None and not (
             isinstance(distilled, dict) and isinstance(distilled.get("teacher"), dict)
             and _number(distilled["teacher"].get("ensemble"), 1, integer=True)
+            and isinstance(distilled["teacher"].get("quality", ""), str)
+            and isinstance(distilled.get("text", ""), str)
             and all(_number(distilled.get(k), -1, 1) for k in ("agreement_spearman", "agreement_pearson"))
-            and all(_number(distilled.get(k), 0, 1) for k in ("kept_by_teacher", "kept_by_student",
-                                                               "teacher_kept_also_kept"))
-            and _number(distilled.get("contexts"), 2, integer=True)):
-        return "distilled_from must name its teacher's ensemble size, the contexts and the agreement in range"
+            and all(_number(distilled.get(k), 0, 1) for k in ("kept_by_teacher", "kept_by_student"))
+            and (distilled.get("teacher_kept_also_kept") is None or _number(distilled["teacher_kept_also_kept"], 0, 1))
+            and all(_number(distilled.get(k), 1, integer=True) for k in ("contexts", "n_train", "n_val"))
+            and distilled["contexts"] == distilled["n_train"] + distilled["n_val"]):
+        return ("distilled_from must name its teacher's ensemble size, and hold counts of contexts that add up and "
+                "agreements in range")
     pool = config.get("pool") or {}
     if pool and not (isinstance(pool, dict) and _number(pool.get("acceptance_at_zero"), 0, 1) and
                      _number(pool.get("contexts"), 0, integer=True)):
@@ -629,13 +636,18 @@ def learner_card(config, name="learner"):
     return "\n".join(header + [""] + lines)
 
 
+def teacher_name(teacher):
+    """'an ensemble of 5' or 'one learner': what a distilled learner was distilled from."""
+    return "one learner" if teacher["ensemble"] == 1 else f"an ensemble of {teacher['ensemble']}"
+
+
 def _distilled_line(d):
     """The card's line for a distilled learner (``Learner.distil``): its teacher and how alike they score."""
-    t = d["teacher"]
-    return (f"- **distilled** from an ensemble of {t['ensemble']} ({t.get('quality', 'quality n/a')}) on "
-            f"{d['contexts']:,} contexts: on the {d.get('n_val', 0):,} it was not trained on it ranks like the "
-            f"ensemble at Spearman {d['agreement_spearman']:.3f} and keeps {d['teacher_kept_also_kept']:.1%} of "
-            "what the ensemble keeps")
+    t, kept = d["teacher"], d.get("teacher_kept_also_kept")
+    return (f"- **distilled** from {teacher_name(t)} ({t.get('quality') or 'quality n/a'}) on {d['contexts']:,} "
+            f"contexts" + (f" of {d['text']}" if d.get("text") else "") + f": on the {d['n_val']:,} held out of its "
+            f"training it ranks like its teacher at Spearman {d['agreement_spearman']:.3f}"
+            + (f" and keeps {kept:.1%} of what its teacher keeps" if kept is not None else ""))
 
 
 # ----------------------------------------------------------------------------- written by the driver
@@ -696,20 +708,18 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
     return folder
 
 
-def run_training_rows(output_dir):
-    """The rows of the text the run in ``output_dir`` trained on (an iterator of (text, origin)): cut as the filter
-    cuts them, they are its training pool, context for context. None when it trained on a hub dataset (or the
-    folder holds no run configuration)."""
+def run_training_files(output_dir, cache_dir=None):
+    """The text files the run in ``output_dir`` trained on, in its order: read line by line and cut as the filter
+    cuts them, they give its training pool, context for context. None when it trained on a hub dataset (or the
+    folder holds no run configuration). ``cache_dir``: where the embedded books are, if not where the run had them."""
     from . import assets
-    from .contexts import file_rows
 
     path = os.path.join(output_dir, artifacts.CONFIG)
     if not artifacts.is_run_config(path):
         return None
-    files = assets.resolve_text_files(types.SimpleNamespace(**artifacts.read_json(path)["data"]))
-    if files is None:
-        return None
-    return itertools.chain.from_iterable(file_rows(name) for name, _ in files["train"])
+    data = artifacts.read_json(path)["data"]
+    files = assets.resolve_text_files(types.SimpleNamespace(**{**data, "cache_dir": cache_dir or data["cache_dir"]}))
+    return None if files is None else [name for name, _ in files["train"]]
 
 
 def run_heldout_labels(output_dir, pipeline, pool):
@@ -720,8 +730,12 @@ def run_heldout_labels(output_dir, pipeline, pool):
     saved = artifacts.read_json(path) if os.path.exists(path) else None
     if not isinstance(saved, dict) or (saved.get("fingerprint") or {}).get("train") != sha(pool):
         return None
-    heldout = [p for p in saved.get("heldout") or [] if isinstance(p.get("context_index"), int)
-               and 0 <= p["context_index"] < len(pool)]
+    heldout = saved.get("heldout") or []
+    if not isinstance(heldout, list) or not all(
+            isinstance(p, dict) and _number(p.get("context_index"), 0, len(pool) - 1, integer=True)
+            and _number(p.get("ig")) and _number(p.get("context_ppl"), 0, open_low=True) for p in heldout):
+        raise IGFError(f"{path}: its held-out labels are damaged (each needs a pool row, a finite IG and a "
+                       "positive perplexity); use the folder as the run wrote it")
     return [{**p, "tokens": pool[p["context_index"]].tolist()} for p in heldout] or None
 
 

@@ -323,10 +323,12 @@ def _clone(state):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator, weight_decay=0.0, patience=None):
+def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generator, weight_decay=0.0, patience=None,
+        eval_batch_size=None):
     """Fit one learner's predicted z to actual z (MSE) on rows ``train_idx``; keep (load) the epoch with the lowest
     MSE on rows ``val_idx``. ``patience``: stop after that many epochs without a lower MSE (None: run every epoch).
-    Returns (that MSE, its epoch)."""
+    ``eval_batch_size``: the validation rows per forward pass (None: all at once, as the driver's few hundred
+    labels are; distillation holds out thousands of contexts). Returns (that MSE, its epoch)."""
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else \
         torch.optim.Adam(params, lr=lr)
@@ -341,7 +343,11 @@ def fit(learner, tokens, z, train_idx, val_idx, epochs, lr, batch_size, generato
             opt.step()
         learner.eval()
         with torch.no_grad():  # the network itself, not its tables: rebuilding them every epoch costs more
-            val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()
+            if eval_batch_size is None:
+                val_mse = F.mse_loss(learner(tokens[val_idx]), z[val_idx]).item()
+            else:
+                val_mse = sum(F.mse_loss(learner(tokens[rows]), z[rows], reduction="sum").item()
+                              for rows in val_idx.split(eval_batch_size)) / len(val_idx)
         if val_mse < best[0]:
             best = (val_mse, epoch, _clone(learner.trainable_state()))
         elif patience is not None and epoch - best[1] >= patience:

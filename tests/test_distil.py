@@ -2,8 +2,9 @@
 tiny model: the rescaled output is mean + std * the old one; a student ranks like its teacher on contexts it was not
 trained on (by the networks' own forward passes and scipy, not the code under test); a student from an output folder
 trains on the run's pool and is measured on the run's held-out labels (recomputed here); from other text it is
-unmeasured and the gate refuses it; its folder loads and scores as its network does; and the command refuses, in one
-line, an --output that would replace what it reads or the user's files."""
+unmeasured and the gate refuses it; a sample of the pool is still measured; its folder loads and scores as its network
+does; and the command refuses, in one line, an --output that would replace what it reads (the source, the run's
+artifacts, its training text, the input) or the user's files, too little text and a diverging training."""
 import os
 
 import pytest
@@ -94,6 +95,22 @@ def test_from_an_output_folder_it_is_measured_on_the_runs_heldout_labels(run, tm
     assert "distilled** from an ensemble of 3" in card
 
 
+def _train_folder(out):
+    return artifacts.read_json(os.path.join(out, artifacts.CONFIG))["data"]["train_file"]
+
+
+def test_a_sample_of_the_pool_is_still_measured_on_the_runs_labels(run, tmp_path, capsys):
+    out, _ = run
+    target = tmp_path / "sampled"
+    assert distil.main([out, "--output", str(target), "--epochs", "2", "--max_contexts", "200"]) == 0
+    assert "a sample of the run's training pool" in capsys.readouterr().out
+    student = Learner.from_pretrained(str(target))
+    assert student.config["distilled_from"]["contexts"] == 200 and student.config["metrics"]["n_heldout"] == 40
+    # distilled again from the student: one learner from one learner, said so
+    again = student.distil(torch.randint(2, 20, (300, 16)), epochs=1)
+    assert "one learner distilled from one learner" in again.describe()
+
+
 def _data_flags(out):
     """The data flags of the run in ``out``, from its config.json."""
     d = artifacts.read_json(os.path.join(out, artifacts.CONFIG))["data"]
@@ -143,6 +160,12 @@ def test_an_output_that_would_replace_what_it_reads_or_the_users_files_is_refuse
     one_error_line(capsys, [folder, "--output", tmp_path / "s"], "give --input")
     one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--val_fraction", "1"],
                    "--val_fraction")
+    one_error_line(capsys, [out, "--output", os.path.join(_train_folder(out), "student")], "training text")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--max_contexts", "10"],
+                   "held out")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--learning_rate", "1e30"],
+                   "diverged")
+    assert not os.path.exists(os.path.join(_train_folder(out), "student"))
     empty = tmp_path / "empty.txt"
     empty.write_text("the king\n", encoding="utf-8")
     one_error_line(capsys, [folder, "--input", empty, "--output", tmp_path / "s"], "nothing to distil on")
