@@ -181,9 +181,9 @@ def measure(cfg, pipeline, ks, runs, output_dir):
     snapshot, ppl_start = WeightSnapshot(model), None
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=ft.mixed_precision == "bf16")
     entries = []
-    for k in ks:
-        ft_k = replace(ft, online_refresh_every=k)
-        for run in range(runs):
+    for run in range(runs):  # run-major: an interrupted benchmark has every k of its first runs
+        for k in ks:
+            ft_k = replace(ft, online_refresh_every=k)
             path, expected, seed = entry_path(output_dir, pipeline, k, run), fingerprint(METHOD, ft_k, run), \
                 run_seed(cfg, pipeline, run)
             if os.path.exists(path):
