@@ -2,7 +2,7 @@
 
 An ensemble of M learners scores a context with one table lookup of width M * C per position and M heads
 (igf/secondary_learner.py), so the filter slows as M grows (on a 2-core AMD EPYC with AVX2, as a share of the
-tokenizer's own speed: 0.69-0.70 for the study's ensembles of 5, 0.56-0.60 for 10, 0.75-0.93 for single learners;
+tokenizer's own speed: 0.51-0.70 for ensembles of 5, 0.45-0.61 for 10, 0.64-0.93 for single learners;
 docs/reference.md). Distillation trains one learner of the members' architecture to give the ensemble's scores: its
 targets are the ensemble's own predictions on unlabelled contexts (as many as the text gives, not the few thousand
 IG labels), standardized for the regression; the student starts from the first member's weights; its best epoch on
