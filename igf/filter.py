@@ -41,13 +41,13 @@ Under ``accelerate launch`` the input's rows are dealt out in chunks (chunk i of
 tokenizes it); the main process gathers the tokens in input order, scores and writes the one output.
 """
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
 import numpy as np
+import orjson
 import torch
 from tqdm.auto import tqdm
 
@@ -194,10 +194,10 @@ def run_filter(args, launch=None):
             k = math.ceil(args.top_fraction * n - 1e-9)
             keep = np.zeros(n, dtype=bool)
             keep[np.argsort(-scores, kind="stable")[:k]] = True
-            with open(everything.tmp, encoding="utf-8") as fh:
+            with open(everything.tmp, "rb") as fh:
                 for i, line in enumerate(fh):
                     if keep[i]:
-                        r = json.loads(line)
+                        r = orjson.loads(line)
                         ids = r.pop("input_ids")
                         kept_out.write(kept_record(decode_windows([ids], tokenizer)[0], ids, r.pop("score"), r))
             kept = k
