@@ -219,6 +219,9 @@ class Learner:
         from . import assets
 
         start = time.perf_counter()
+        if not os.path.isdir(output_dir):  # a mistyped path: nothing to train "first" there
+            raise IGFError(f"{output_dir} is not a folder: give a learner folder or an output folder of "
+                           "run_clm_igf.py")
         path = os.path.join(artifacts.pipeline_dir(output_dir, pipeline), artifacts.LEARNER)
         if not os.path.exists(path):
             raise IGFError(f"{path} not found: train a learner first (python run_clm_igf.py --output_dir "

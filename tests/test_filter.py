@@ -137,6 +137,8 @@ def test_bad_inputs_are_one_error_line(trained, text_folders, tmp_path, capsys):
     folder, _, _ = trained
     train = text_folders["train"]
     expect_error(capsys, [tmp_path, "--input", train, "--output", tmp_path / "o.jsonl"], "not found", "--stages")
+    expect_error(capsys, [tmp_path / "typo", "--input", train, "--output", tmp_path / "o.jsonl"], "typo is not a "
+                 "folder", "learner folder or an output folder")
     junk = tmp_path / "junk"
     junk.mkdir()
     torch.save({"hello": 1}, junk / artifacts.LEARNER)
