@@ -235,6 +235,9 @@ def main(argv=None):
     args, driver_flags = p.parse_known_args(argv)
     if min(args.refresh_every) < 1 or args.runs < 1:
         p.error("--refresh_every and --runs must be positive")
+    args.refresh_every = sorted(set(args.refresh_every))  # a k given twice is one k (its runs counted once)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir} is a file; give a folder")
     for flag, path in (("--output_dir", args.output_dir), ("--json", args.json)):
         if path and touches(path, args.study):
             p.error(f"{flag} {path} lies in the study folder {args.study}, which this benchmark only reads")

@@ -283,6 +283,19 @@ def touched_artifact(path, output_dir, pipeline=0):
     return None
 
 
+def output_dirs_around(path):
+    """The folders above ``path`` (``path`` included) that run_clm_igf.py wrote into (its mark, or a run
+    configuration): writing ``path`` must not touch their artifacts, whichever command or source is at hand."""
+    folder = os.path.realpath(path)
+    while True:
+        if os.path.isfile(os.path.join(folder, MANIFEST)) or is_run_config(os.path.join(folder, CONFIG)):
+            yield folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
 def is_run_config(path):
     """Whether ``path`` is a config.json that run_clm_igf.py wrote (its five sections: data, ig, learner, ...)."""
     try:
@@ -450,9 +463,14 @@ class AtomicOutput:
 
     def write(self, record):
         """One JSON line, UTF-8, compact. orjson rather than json: the filter writes a line per kept context, and
-        json.dumps took as long as scoring them with one learner (7x faster here, the same values)."""
+        json.dumps took as long as scoring them with one learner (7x faster here, the same values). A NaN or
+        infinite number is written as null (valid JSON; json wrote NaN, which JSON readers refuse)."""
         try:
-            self.fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as e:  # orjson.JSONEncodeError: a value JSON cannot hold (a str that is not UTF-8)
+            raise IGFError(f"cannot write {self.path}: a record holds a value JSON cannot ({e})") from None
+        try:
+            self.fh.write(line)
         except OSError as e:  # a full disk
             raise self.error(e) from None
 

@@ -24,16 +24,25 @@ def file_rows(path, text_field="text"):
     the ``text_field`` of each record of a JSONL file (.jsonl, .json)."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         return _jsonl_rows(path, text_field)
-    files = text_files(path)
+    return text_rows([name for name, _ in text_files(path)])
 
-    def text():
-        for name, _ in files:
-            try:
-                for i, line in enumerate(read_lines(name), start=1):
-                    yield line, {"file": name, "line": i}
-            except UnicodeDecodeError as e:
-                raise IGFError(f"{name} is not UTF-8 text (invalid byte at offset {e.start})") from None
-    return text()
+
+def text_rows(files):
+    """Iterator of (text, {"file", "line"}): the lines of ``files``, each read as text whatever its name (as the
+    driver reads a run's training files, ``data.load_raw_splits``)."""
+    for name in files:
+        shown = printable_name(name)
+        try:
+            for i, line in enumerate(read_lines(name), start=1):
+                yield line, {"file": shown, "line": i}
+        except UnicodeDecodeError as e:
+            raise IGFError(f"{shown} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def printable_name(name):
+    """``name`` as valid UTF-8 for an output record: a byte that is not UTF-8 in a file name (held by Python as a
+    surrogate) is written as a backslash escape, \\xff, rather than failing the JSON line."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _jsonl_rows(path, field):
@@ -47,7 +56,7 @@ def _jsonl_rows(path, field):
                 raise IGFError(f"{path} line {i} is not JSON ({e.msg})") from None
             if not isinstance(record, dict) or field not in record:
                 raise IGFError(f"{path} line {i} has no field {field!r} (--text_field)")
-            yield str(record[field]), {"file": path, "line": i}
+            yield str(record[field]), {"file": printable_name(path), "line": i}
 
 
 def dataset_rows(name, config_name, split, text_field="text"):

@@ -19,7 +19,6 @@ inside the --input folder or among the run's training text; each is refused in o
 each), or a seeded sample of the run's pool (whose held-out labels are checked against the whole pool).
 """
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -28,40 +27,60 @@ import torch
 
 from . import artifacts, distillation
 from .artifacts import replaceable
-from .contexts import dataset_rows, file_rows
+from .contexts import dataset_rows, file_rows, text_rows
 from .errors import IGFError
-from .learner import Learner, is_learner_folder, is_replaceable_folder, run_heldout_labels, run_training_files
-from .paths import same_path, touches, within
+from .learner import Learner, is_learner_folder, is_replaceable_folder, run_files, run_heldout_labels
+from .paths import same_path, touches
 
 
 def check_output(args):
     """Refuse, before any work, an --output that would replace what this command reads or the user's files."""
     out, source = args.output, args.source
+    if not out.strip():
+        raise IGFError("--output is empty: give the learner folder to write")
     if same_path(out, source) or (os.path.isdir(source) and is_learner_folder(source) and touches(out, source)):
         raise IGFError(f"--output {out} is (or lies inside) the learner folder {source} it distils; write it "
                        "elsewhere")
-    if os.path.isdir(source) and not is_learner_folder(source):
-        name = artifacts.touched_artifact(out, source, args.pipeline)
+    # the source run's artifacts, and any other run's around --output (e.g. another pipeline's learner folder)
+    runs = [source] if os.path.isdir(source) and not is_learner_folder(source) else []
+    for folder in runs + list(artifacts.output_dirs_around(out)):
+        name = artifacts.touched_artifact(out, folder, args.pipeline)
         if name:
-            raise IGFError(f"--output {out} is the output folder's artifact {name} (the run's own record); write it "
-                           "elsewhere")
+            raise IGFError(f"--output {out} is the artifact {name} of the output folder {folder} (a run's own "
+                           "record); write it elsewhere")
     if args.input and touches(out, args.input):
         raise IGFError(f"--output {out} is (or lies inside) the --input {args.input}; write it elsewhere")
-    for name in training_files(args) or []:
-        if touches(out, name) or within(out, os.path.dirname(name)):
-            raise IGFError(f"--output {out} lies among the run's training text ({os.path.dirname(name)}), which this "
-                           "command reads (and the next run would read it as text); write it elsewhere")
+    for split, root in run_text_roots(args).items():
+        if touches(out, root):
+            raise IGFError(f"--output {out} is (or lies among) the source run's {split} text ({root}), which a run "
+                           "reads as text; write it elsewhere")
     why = replaceable(out, is_replaceable_folder)
     if why:
         raise IGFError(f"will not save the learner to {out}: {why}; give a new or empty folder")
 
 
+def source_run_files(args):
+    """{split: files} of the source run's text (an output folder that read text files), else {}."""
+    if not os.path.isdir(args.source) or is_learner_folder(args.source):
+        return {}
+    return {split: files for split, files in (run_files(args.source, args.cache_dir) or {}).items() if files}
+
+
+def run_text_roots(args):
+    """{split: the file or folder the source run read it from}: its --train_file, --validation_file, --test_file,
+    or for the embedded books the folder of the split's works."""
+    files = source_run_files(args)
+    data = artifacts.read_json(os.path.join(args.source, artifacts.CONFIG))["data"] if files else {}
+    return {split: data.get(f"{split}_file") or os.path.commonpath([os.path.dirname(n) for n in names])
+            for split, names in files.items()}
+
+
 def training_files(args):
     """The source run's training files, when the student is distilled on its pool (an output folder, no --input or
     --dataset_name), else None."""
-    if args.input or args.dataset_name or not os.path.isdir(args.source) or is_learner_folder(args.source):
+    if args.input or args.dataset_name:
         return None
-    return run_training_files(args.source, args.cache_dir)
+    return source_run_files(args).get("train")
 
 
 def training_text(args, learner):
@@ -75,7 +94,7 @@ def training_text(args, learner):
     elif args.input:
         rows, where = file_rows(args.input, args.text_field), os.path.basename(os.path.normpath(args.input))
     elif files is not None:
-        rows, where = itertools.chain.from_iterable(file_rows(name) for name in files), "the run's training pool"
+        rows, where = text_rows(files), "the run's training pool"  # read as the driver read them: lines
     else:
         raise IGFError(f"{args.source} names no training text this command can read (a learner folder, or a run on "
                        "a hub dataset): give --input or --dataset_name")
@@ -171,6 +190,13 @@ def check_args(args):
         raise IGFError(f"--val_fraction must lie in (0, 1), got {args.val_fraction}")
     if args.input and args.dataset_name:
         raise IGFError("give --input or --dataset_name, not both")
+    if not args.dataset_name and (args.dataset_config_name or args.split != "train"):
+        raise IGFError("--dataset_config_name and --split apply to --dataset_name only")
+    jsonl = args.input and os.path.isfile(args.input) and args.input.endswith((".jsonl", ".json"))
+    if args.text_field != "text" and not (jsonl or args.dataset_name):
+        raise IGFError("--text_field applies to a JSONL --input or to --dataset_name only")
+    if args.pipeline != 0 and os.path.isdir(args.source) and is_learner_folder(args.source):
+        raise IGFError(f"{args.source} is a learner folder (one learner): --pipeline applies to an output folder")
 
 
 def main(argv=None):

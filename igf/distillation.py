@@ -79,9 +79,11 @@ def distil(teacher, contexts, to_scale=lambda s: s, threshold=0.0, epochs=EPOCHS
     if len(val_idx) < MIN_HELD_OUT:  # the epoch's choice and the agreement need a sample to rank
         raise ValueError(f"{len(contexts)} contexts hold out only {len(val_idx)} at a fraction of {val_fraction}: "
                          f"distilling needs at least {MIN_HELD_OUT} held out (more text, or a larger fraction)")
-    student = student_of(teacher)
-    with torch.random.fork_rng(devices=[]):  # dropout's draws, without moving the caller's global generator
-        torch.manual_seed(seed)
+    # the student's layers are made (then overwritten) and dropout draws inside the fork, from the CPU generator
+    # only: the caller's generators, CPU and CUDA, are where they were
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        student = student_of(teacher)
         val_mse, best_epoch = fit(student, contexts, z, train_idx, val_idx, epochs, lr, batch_size, generator,
                                   patience=patience, eval_batch_size=EVAL_BATCH)
     if not math.isfinite(val_mse):

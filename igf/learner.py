@@ -711,10 +711,11 @@ def save_learner_folder(cfg, pipe, sets, ids, fingerprint, pool_scores=None):
     return folder
 
 
-def run_training_files(output_dir, cache_dir=None):
-    """The text files the run in ``output_dir`` trained on, in its order: read line by line and cut as the filter
-    cuts them, they give its training pool, context for context. None when it trained on a hub dataset (or the
-    folder holds no run configuration). ``cache_dir``: where the embedded books are, if not where the run had them."""
+def run_files(output_dir, cache_dir=None):
+    """{split: the text files the run in ``output_dir`` read, in its order} for train, validation and test: the
+    training files, read line by line and cut as the filter cuts them, give its training pool, context for context.
+    None when it read a hub dataset (or the folder holds no run configuration). ``cache_dir``: where the embedded
+    books are, if not where the run had them."""
     from . import assets
 
     path = os.path.join(output_dir, artifacts.CONFIG)
@@ -722,7 +723,7 @@ def run_training_files(output_dir, cache_dir=None):
         return None
     data = artifacts.read_json(path)["data"]
     files = assets.resolve_text_files(types.SimpleNamespace(**{**data, "cache_dir": cache_dir or data["cache_dir"]}))
-    return None if files is None else [name for name, _ in files["train"]]
+    return None if files is None else {split: [name for name, _ in found] for split, found in files.items()}
 
 
 def run_heldout_labels(output_dir, pipeline, pool):

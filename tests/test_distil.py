@@ -4,7 +4,8 @@ trained on (by the networks' own forward passes and scipy, not the code under te
 trains on the run's pool and is measured on the run's held-out labels (recomputed here); from other text it is
 unmeasured and the gate refuses it; a sample of the pool is still measured; its folder loads and scores as its network
 does; and the command refuses, in one line, an --output that would replace what it reads (the source, the run's
-artifacts, its training text, the input) or the user's files, too little text and a diverging training."""
+artifacts or any run's around it, its train, validation or test text, the input) or the user's files, flags that do not
+apply, too little text and a diverging training; and distilling leaves the caller's random generator where it was."""
 import os
 
 import pytest
@@ -58,7 +59,9 @@ def test_the_student_starts_as_the_first_member_and_is_one_learner():
 def test_a_student_ranks_like_its_teacher_on_contexts_it_never_saw(run):
     out, lines = run
     teacher = Learner.from_pretrained(os.path.join(out, artifacts.LEARNER_FOLDER))
+    state = torch.get_rng_state()
     student = teacher.distil(lines, epochs=30, lr=3e-3, batch_size=32)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's generator did not move
     d = student.config["distilled_from"]
     assert d["teacher"]["ensemble"] == 3 and d["contexts"] == d["n_train"] + d["n_val"]
     # fresh contexts in the training text's words, scored by both networks' own forward passes
@@ -160,7 +163,19 @@ def test_an_output_that_would_replace_what_it_reads_or_the_users_files_is_refuse
     one_error_line(capsys, [folder, "--output", tmp_path / "s"], "give --input")
     one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--val_fraction", "1"],
                    "--val_fraction")
-    one_error_line(capsys, [out, "--output", os.path.join(_train_folder(out), "student")], "training text")
+    one_error_line(capsys, [out, "--output", os.path.join(_train_folder(out), "student")], "train text")
+    # among the run's text even when the student distils on other text, and however deep
+    one_error_line(capsys, [out, "--input", corpus, "--output", os.path.join(_train_folder(out), "a", "student")],
+                   "train text")
+    # a run's artifact guarded whatever the source: here the run around --output, from a learner folder source
+    one_error_line(capsys, [folder, "--input", corpus, "--output", os.path.join(out, artifacts.RUNS)], "artifact runs")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", ""], "--output is empty")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--split", "test"],
+                   "--dataset_name only")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--text_field", "body"],
+                   "JSONL --input")
+    one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--pipeline", "1"],
+                   "--pipeline applies to an output folder")
     one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--max_contexts", "10"],
                    "held out")
     one_error_line(capsys, [folder, "--input", corpus, "--output", tmp_path / "s", "--learning_rate", "1e30"],

@@ -116,6 +116,23 @@ def test_jsonl_input_cuts_like_text(trained, text_folders, tmp_path):
         r["line"] for r in kb]
 
 
+def test_text_rows_read_any_name_as_text_and_origins_are_valid_utf8(tmp_path):
+    """A run's training file named .json is text to the driver (data.read_lines), so to text_rows too; a file name
+    with a byte that is not UTF-8 is written as an escape, and the filter's JSON line does not fail on it."""
+    name = tmp_path / "train.json"
+    name.write_text("not json\n{also not\n", encoding="utf-8")
+    assert [t for t, _ in contexts.text_rows([str(name)])] == ["not json\n", "{also not\n"]
+    odd = os.fsdecode(bytes(tmp_path) + b"/bad\xff.txt")
+    with open(odd, "w", encoding="utf-8") as fh:
+        fh.write("the king\n")
+    [(_, origin)] = list(contexts.text_rows([odd]))
+    assert origin["file"].endswith("bad\\xff.txt")
+    out = artifacts.AtomicOutput(str(tmp_path / "o.jsonl"))
+    out.write({"score": 1.0, **origin})
+    out.close()
+    assert json.loads((tmp_path / out.tmp).read_text(encoding="utf-8"))["file"] == origin["file"]
+
+
 def test_windows_cross_rows_and_skip_empty_ones():
     chunks = [([torch.tensor([1, 2, 3]).numpy(), torch.tensor([], dtype=torch.int32).numpy()], ["r1", "r2"]),
               ([torch.tensor([4, 5]).numpy(), torch.tensor([6, 7, 8, 9, 10]).numpy()], ["r3", "r4"])]
