@@ -82,8 +82,8 @@ def distil(teacher, contexts, to_scale=lambda s: s, threshold=0.0, epochs=EPOCHS
     # the student's layers are made (then overwritten) and dropout draws inside the fork, from the CPU generator
     # only: the caller's generators, CPU and CUDA, are where they were
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        student = student_of(teacher)
+        student = student_of(teacher)  # its draws stay in the fork (every weight is then overwritten)
+        torch.default_generator.manual_seed(seed)  # after them: dropout's draws as they were when it was built outside
         val_mse, best_epoch = fit(student, contexts, z, train_idx, val_idx, epochs, lr, batch_size, generator,
                                   patience=patience, eval_batch_size=EVAL_BATCH)
     if not math.isfinite(val_mse):
