@@ -29,17 +29,24 @@ from igf.distributed import Launch, OutputLock, resolve_device
 from igf.errors import IGFError
 from igf.finetune import cpu_bf16_warning, finetune_run
 from igf.information_gain import WeightSnapshot, context_losses, perplexity
-from igf.pipelines import check_learners, load_ig_pairs, make_pipelines, run_ig_pairs, run_learner, section
+from igf.pipelines import (
+    check_learners,
+    load_ig_pairs,
+    make_pipelines,
+    reference_rows,
+    run_ig_pairs,
+    run_learner,
+    section,
+)
 from igf.plot import plot_results, plot_selection
 from igf.selection import (
     CONDITIONAL,
-    CONTROLS,
-    IGF_METHODS,
     ONLINE,
     attach_model,
     candidate_stream,
     make_rule,
     make_selection,
+    needs_learner,
     require_sources,
     select_batches,
     selection_fingerprint,
@@ -166,7 +173,8 @@ def run_finetune(cfg: Config, model, tokenizer, sets, pipelines, ids, device, la
             attach_model(inputs[pipe.index], needs_lm, about[pipe.index], model, sets.train, pipe.pairs,
                          ig_cfg=cfg.ig, ft=ft, learner_cfg=cfg.learner, objective=pipe.objective,
                          validation=sets.validation, batch_size=cfg.ig.ig_eval_batch_size, device=device,
-                         seed=stage_seed(cfg.run.seed, "finetune", pipe.index))
+                         seed=stage_seed(cfg.run.seed, "finetune", pipe.index),
+                         reference_rows=reference_rows(cfg, pipe, len(sets.train)))
         mine_static = {}
         for run, method in tqdm([rm for rm in mine if rm[1] not in ONLINE], desc=f"selecting batches (pipeline "
                                 f"{pipe.index})", disable=not mine):
@@ -344,18 +352,19 @@ def run_stages(cfg: Config, launch):
         pipelines = make_pipelines(cfg, sets)
         contexts = contexts_summary(sets, [(p.objective, p.objective_rows) for p in pipelines], ids["model"]["vocab"])
         timings["load"] = time.perf_counter() - start
-        # the controls keep what IGF keeps, so they need the learner too
-        filtered = [m for m in cfg.finetune.methods if m in IGF_METHODS + CONTROLS]
-        needs_learner = bool(filtered) and bool({"learner", "finetune"} & set(stages))
+        # the controls keep what IGF keeps, so they need the learner too (unless --keep_fraction says how much)
+        filtered = needs_learner(cfg.finetune)
+        learner_stage = filtered and bool({"learner", "finetune"} & set(stages))
         if not filtered and {"ig_pairs", "learner"} & set(stages):
-            print("\nonly standard among --methods: IG pairs and the secondary learner are not needed", flush=True)
-        for pipe in pipelines if needs_learner or ("ig_pairs" in stages and filtered) else []:
+            print("\nno method among --methods needs them: IG pairs and the secondary learner are skipped",
+                  flush=True)
+        for pipe in pipelines if learner_stage or ("ig_pairs" in stages and filtered) else []:
             # 2) information gain of single training contexts, measured on the objective set (labels sharded)
             t = time.perf_counter()
             (run_ig_pairs(cfg, pipe, model, sets, ids, device, launch) if "ig_pairs" in stages
              else load_ig_pairs(cfg, pipe, sets, ids))
             timings["ig_pairs"] = timings.get("ig_pairs", 0.0) + time.perf_counter() - t
-            if needs_learner:
+            if learner_stage:
                 # 3) secondary learner: tokens -> predicted z-scored IG (trained and saved by the main process)
                 t = time.perf_counter()
                 if launch.is_main:
@@ -364,7 +373,7 @@ def run_stages(cfg: Config, launch):
                 if not launch.is_main:
                     run_learner(cfg, pipe, model, sets, ids, train_it=False, write=False)
                 timings["learner"] = timings.get("learner", 0.0) + time.perf_counter() - t
-        if needs_learner and "finetune" in stages:
+        if learner_stage and "finetune" in stages:
             check_learners(cfg, pipelines)  # the gate: no fine-tuning with a learner that ranks no better than chance
         if "finetune" in stages:
             # 4) fine-tune: every method on the same seeds, optimizer and candidate streams (runs dealt out)

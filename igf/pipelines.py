@@ -37,7 +37,7 @@ from .secondary_learner import (
     token_feature_table,
     train_learner,
 )
-from .selection import score_scale
+from .selection import REFERENCE_SIZE, score_scale
 
 LEARNER_FORMAT = 2  # the learner file records what it was built on (version 1 held only weights and metrics)
 
@@ -116,6 +116,22 @@ def with_tokens(saved, train, path):
     return saved
 
 
+def label_order(cfg: Config, pipe, pool_size):
+    """The pool rows in the order the pipeline's IG labels take them (a seeded permutation): the labels are its
+    first --num_ig_pairs rows, the validation and held-out pairs come from its back."""
+    return torch.randperm(pool_size, generator=torch.Generator().manual_seed(stage_seed(cfg.run.seed, "ig_pairs",
+                                                                                        pipe.index)))
+
+
+def reference_rows(cfg: Config, pipe, pool_size):
+    """The pool rows on which an LM-scored static rule (ppl, oracle, color) reads the pool's quantiles: the first
+    REFERENCE_SIZE contexts the labels take, labelled (IGF's acceptance) or not (--keep_fraction, where a
+    learner-free rule's runs must not depend on whether this invocation labelled anything)."""
+    if cfg.finetune.keep_fraction is None and pipe.pairs is not None:
+        return [p["context_index"] for p in pipe.pairs["pairs"][:REFERENCE_SIZE]]
+    return label_order(cfg, pipe, pool_size)[:REFERENCE_SIZE].tolist()
+
+
 def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
     """Label (or resume, or reuse) the pipeline's IG pairs; returns the saved record with z-scores and statistics.
 
@@ -141,8 +157,7 @@ def run_ig_pairs(cfg: Config, pipe, model, sets, ids, device, launch):
     if sum(wanted.values()) > len(sets.train):
         raise IGFError(f"--num_ig_pairs {ig.num_ig_pairs} + --num_validation_pairs {ig.num_validation_pairs} + "
                        f"--num_heldout_pairs {ig.num_heldout_pairs} exceed the {len(sets.train)} training contexts")
-    g = torch.Generator().manual_seed(stage_seed(cfg.run.seed, "ig_pairs", pipe.index))
-    order = torch.randperm(len(sets.train), generator=g)
+    order = label_order(cfg, pipe, len(sets.train))
     # labels from the front of one permutation, validation from its back, then the held-out labels: prefix-stable
     # (a larger --num_ig_pairs extends the labels), never overlapping
     back = order.flip(0)

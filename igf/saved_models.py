@@ -15,6 +15,7 @@ import os
 from . import artifacts
 from .config import EMBEDDED_BOOKS, EMBEDDED_MODEL
 from .secondary_learner import describe_quality
+from .selection import LEARNER_FREE
 
 EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file was converted from
 CARD = "README.md"
@@ -65,9 +66,13 @@ def model_card(record, cfg, learner_metrics):
                  f"z >= {thresholds[0]:g} at the first batch, moving to z >= {thresholds[-1]:g} by the last "
                  f"({ft.shift_schedule} schedule, --shift_batches {ft.shift_batches})")
         selection = f"kept the candidates whose predicted z-scored information gain passed {moved}"
+    elif ft.keep_fraction is not None:
+        selection = (f"the `{method}` rule of igf/selection.py, keeping {ft.keep_fraction:g} of the pool at every "
+                     "batch (--keep_fraction)")
     else:
         selection = (f"the `{method}` control of igf/selection.py, keeping at each batch the fraction of the pool "
                      f"that `{ft.control_matches}` keeps")
+    learner_free = method == "standard" or (ft.keep_fraction is not None and method in LEARNER_FREE)
     drawn = sum(record["candidates_drawn"])
     kept = ft.batch_size * len(record["candidates_drawn"])
     exact = (learner_metrics or {}).get("exact_spearman")
@@ -84,7 +89,7 @@ def model_card(record, cfg, learner_metrics):
         f"- **optimizer:** AdamW, learning rate {ft.learning_rate:g} decayed linearly to 0, weight decay "
         f"{ft.weight_decay:g}, {ft.warmup_steps} warm-up steps; weights in {ft.torch_dtype}"
         + (", forward passes under bf16 autocast" if ft.mixed_precision == "bf16" else ""),
-        "- **secondary learner:** " + ("not used" if method == "standard" else
+        "- **secondary learner:** " + ("not used" if learner_free else
                                        f"{learner_size(learner_metrics)}; {describe_quality(learner_metrics)}; "
                                        "held-out exact-IG correlation " + (
                                            "n/a" if exact is None else

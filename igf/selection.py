@@ -37,6 +37,10 @@ rule with a window, ``keep the top batch_size of the next window(b) candidates``
     rho           RHO-LOSS: the candidate's loss under the current model minus under color's conditional model;
                   keeps the top batch_size of each window, as oracle_online
 
+With ``--keep_fraction f`` the controls and the model-aware rules keep the top f of the pool (a window of
+ceil(batch_size / f)) at every batch instead of IGF's acceptance a_b, and those of ``LEARNER_FREE`` then run
+without IG labels or a learner: RHO-LOSS, CoLoR-Filter or DSIR on their own.
+
 Every static score is a property of the candidate and the pretrained weights, so a static run's batches are fixed
 before its first step: ``select_batches`` plans them (scoring candidates a chunk at a time, as an LM forward pass
 does best). An online rule's ``OnlineSelection`` picks batch b only when the run reaches it. Both give the
@@ -70,8 +74,10 @@ IGF_METHODS = ("igf_constant", "igf_shifting")
 CONTROLS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched", "color", "color_validation",
             "oracle_online", "igf_refresh", "rho")  # every rule that keeps IGF's acceptance
 ONLINE = ("oracle_online", "igf_refresh", "rho")  # they score with the model at step t
+# with --keep_fraction these need neither IG labels nor a learner (the others score with the learner or its labels)
+LEARNER_FREE = ("random", "dsir", "dsir_validation", "color", "color_validation", "oracle_online", "rho")
 CONDITIONAL = {"color": "objective", "color_validation": "validation", "rho": "objective"}  # what each tunes on
-REFERENCE_SIZE = 512  # labelled contexts that estimate the pool's score quantiles for ppl and oracle
+REFERENCE_SIZE = 512  # pool contexts (the first the IG labels take) that give ppl, oracle and color their quantiles
 LM_LOOKAHEAD = 64  # candidates an LM-scored rule scores at once (at most this many are scored and not drawn)
 RANDOM_SEED_OFFSET = 7919  # random's (and source_matched's) coin flips: seeded per run, apart from the candidates
 REFRESH_SEED_OFFSET = 104729  # igf_refresh: which pool contexts each refresh labels, and the learner's shuffles
@@ -94,6 +100,13 @@ def scored(stream, score, chunk):
         rows = [next(stream) for _ in range(chunk)]
         values = [math.inf] * chunk if score is None else score(rows).tolist()
         yield from zip(rows, values)
+
+
+def needs_learner(ft):
+    """Whether the methods of ``ft`` need IG labels and a secondary learner: IGF does, and so does every control
+    that keeps IGF's acceptance, unless --keep_fraction sets it and the control scores without the learner."""
+    return any(m in IGF_METHODS or (m in CONTROLS and (ft.keep_fraction is None or m not in LEARNER_FREE))
+               for m in ft.methods)
 
 
 def select_batch(candidates, batch_size, threshold):
@@ -500,12 +513,13 @@ def control_settings(methods, pairs, ig_cfg, ft, learner_cfg):
 
 
 def attach_model(inputs, methods, settings, model, pool, pairs, *, ig_cfg, ft, learner_cfg, objective, validation,
-                 batch_size, device, seed):
+                 batch_size, device, seed, reference_rows=None):
     """Everything the rules of ``methods`` need from the LM, built at the model's current (pretrained) weights:
-    the scorers of the static LM rules (ppl, oracle, color, color_validation) with their reference scores on the
-    labelled contexts, the conditional models (color, color_validation, rho) and the context of the online rules.
-    Each method's one-off cost goes to ``inputs.setup``."""
-    reference_rows = [p["context_index"] for p in pairs["pairs"][:REFERENCE_SIZE]]
+    the scorers of the static LM rules (ppl, oracle, color, color_validation) with their reference scores on
+    ``reference_rows`` (default: the labelled contexts, a uniform sample of the pool), the conditional models (color,
+    color_validation, rho) and the context of the online rules. Each method's one-off cost goes to ``inputs.setup``."""
+    if reference_rows is None:
+        reference_rows = [p["context_index"] for p in pairs["pairs"][:REFERENCE_SIZE]]
     lm = inputs.lm = ModelContext(model, pool, objective, device, batch_size, ft.batch_size, ig_cfg.ig_learning_rate,
                                   ft.online_refresh_every, ft.refresh_labels, ft.refresh_epochs, learner_cfg)
 
@@ -594,8 +608,11 @@ def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_i
     settings (for their fingerprints, with ``objective_id``, a hash of the
     objective set the oracle and dsir score against). ``sources``: the source index of every pool row."""
     methods, inputs = ft.methods, SelectionInputs()
+    if ft.keep_fraction is not None:  # the same fraction at every batch, matched to no IGF method
+        inputs.acceptance = [ft.keep_fraction] * ft.max_steps
     if learner is None:
-        return inputs, {}
+        return inputs, _settings(inputs, ft, ig_cfg, pairs, learner_cfg, objective, objective_id, pool, validation,
+                                 validation_id) if inputs.acceptance else {}
     scores = predict(learner, pool)  # (N_pool,) predicted z-scored IG
     if ft.standardize_scores:
         inputs.pool_scores = standardize(scores, *(scale or score_scale(scores)))
@@ -609,19 +626,13 @@ def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_i
         g = torch.Generator().manual_seed(REFRESH_SEED_OFFSET)  # one sample for every run and pipeline
         inputs.scale_rows = torch.randperm(len(pool), generator=g)[:SCALE_SAMPLE]
     for method in IGF_METHODS:
-        if method in methods or (method == ft.control_matches and set(CONTROLS) & set(methods)) or \
+        matched = method == ft.control_matches and ft.keep_fraction is None
+        if method in methods or (matched and set(CONTROLS) & set(methods)) or \
                 (method == "igf_constant" and "igf_refresh" in methods):  # igf_refresh keeps IGF's threshold
             inputs.thresholds[method] = method_thresholds(ft, method)
             rates = check_acceptance(ft, inputs.pool_scores, method)
-            if method == ft.control_matches:
+            if matched:
                 inputs.acceptance = rates
-    settings = control_settings(methods, pairs, ig_cfg, ft, learner_cfg)
-    for method, target in (("dsir", objective), ("dsir_validation", validation)):
-        if method in methods:
-            inputs.dsir_scores[method] = torch.as_tensor(dsir_scores(pool.numpy(), target.numpy(), ft.dsir_buckets))
-            settings["dsir_buckets"] = ft.dsir_buckets
-    if {"dsir_validation", "color_validation"} & set(methods):
-        settings["validation"] = validation_id
     if "source_matched" in methods:
         inputs.pool_sources = sources.tolist()
         fn, cache = method_thresholds(ft, ft.control_matches), {}
@@ -630,12 +641,29 @@ def selection_inputs(ft, ig_cfg, pool, learner, pairs, *, objective, objective_i
             if t not in cache:
                 cache[t] = source_acceptance(inputs.pool_scores, sources, num_sources, t).tolist()
         inputs.source_acceptance = [cache[fn(b)] for b in range(ft.max_steps)]
+    return inputs, _settings(inputs, ft, ig_cfg, pairs, learner_cfg, objective, objective_id, pool, validation,
+                             validation_id)
+
+
+def _settings(inputs, ft, ig_cfg, pairs, learner_cfg, objective, objective_id, pool, validation, validation_id):
+    """The controls' settings (for their fingerprints; DSIR's weights go into ``inputs``)."""
+    methods = ft.methods
+    settings = control_settings(methods, pairs, ig_cfg, ft, learner_cfg)
+    for method, target in (("dsir", objective), ("dsir_validation", validation)):
+        if method in methods:
+            inputs.dsir_scores[method] = torch.as_tensor(dsir_scores(pool.numpy(), target.numpy(), ft.dsir_buckets))
+            settings["dsir_buckets"] = ft.dsir_buckets
+    if {"dsir_validation", "color_validation"} & set(methods):
+        settings["validation"] = validation_id
+    if "source_matched" in methods:
         settings["source_acceptance"] = sha(inputs.source_acceptance)
     if set(CONTROLS) & set(methods):
-        print(f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch"
+        print((f"  controls keep {ft.keep_fraction:g} of the pool at every batch (--keep_fraction)"
+               if ft.keep_fraction is not None else
+               f"  controls keep the fraction of the pool that {ft.control_matches} keeps at each batch")
               + (f"; ppl keeps {'high' if settings['ppl_direction'] > 0 else 'low'} pretrained loss"
                  if "ppl" in settings else ""), flush=True)
-    return inputs, {**settings, "acceptance": inputs.acceptance, "objective": objective_id}
+    return {**settings, "acceptance": inputs.acceptance, "objective": objective_id}
 
 
 def selection_fingerprint(ft, method, learner_fp, about):
@@ -643,7 +671,13 @@ def selection_fingerprint(ft, method, learner_fp, about):
     if method in IGF_METHODS:
         return {"learner": learner_fp, "thresholds": [method_thresholds(ft, method)(b) for b in range(ft.max_steps)]}
     if method in CONTROLS:
-        selection = {"learner": learner_fp, "control_matches": ft.control_matches, "acceptance": about["acceptance"]}
+        if ft.keep_fraction is None:
+            selection = {"learner": learner_fp, "control_matches": ft.control_matches,
+                         "acceptance": about["acceptance"]}
+        else:  # a fixed fraction: a learner-free rule's runs do not depend on whether a learner was trained
+            selection = {"keep_fraction": ft.keep_fraction, "acceptance": about["acceptance"]}
+            if method not in LEARNER_FREE:
+                selection["learner"] = learner_fp
         if method == "ppl":
             selection["ppl_direction"] = about["ppl_direction"]
         if method == "oracle":

@@ -256,6 +256,66 @@ def test_online_runs_pair_with_standard_resume_and_measure_the_larger_test_sampl
     assert "final_large" in results["tests"]["rho_vs_standard"]
 
 
+def test_keep_fraction_runs_rho_color_and_dsir_without_labels_and_reuses_them_beside_igf(tiny_args):
+    import json
+    import os
+
+    import numpy as np
+
+    import run_clm_igf
+    from conftest import set_flag
+    from igf import artifacts
+    from igf.dsir import dsir_scores
+    from igf.pipelines import label_order, make_pipelines
+
+    args = set_flag(tiny_args, "--methods", "standard", "rho", "color", "dsir")
+    args += ["--keep_fraction", "0.5", "--color_steps", "2", "--save_models"]
+    assert run_clm_igf.main(args) == 0
+    out = args[args.index("--output_dir") + 1]
+    # no labels, no learner: the rules score without them
+    assert not os.path.exists(os.path.join(out, artifacts.IG_PAIRS))
+    assert not [n for n in os.listdir(out) if n.startswith("secondary_learner")]
+
+    def run(method, r=0):
+        return json.load(open(os.path.join(out, artifacts.RUNS, f"{method}_run{r:03d}.json")))
+    for r in range(2):
+        rho = run("rho", r)
+        assert rho["candidates_drawn"] == [8, 8, 8]  # a window of ceil(4 / 0.5) at every batch
+        for kept, scored in zip(rho["kept_rows"], rho["scores"]):  # the top half of each window, by its scores
+            ranked = sorted(scored, key=lambda rv: -rv[1])
+            assert sorted(kept) == sorted(row for row, _ in ranked[:4])
+    # dsir keeps the top half of the whole pool by its weights, counted independently here
+    cfg = run_clm_igf.parse_args(args)
+    _, _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
+    pipe = make_pipelines(cfg, sets)[0]
+    weights = dsir_scores(sets.train.numpy(), pipe.objective.numpy(), cfg.finetune.dsir_buckets)
+    cut = np.sort(weights)[::-1][int(np.ceil(0.5 * len(weights))) - 1]
+    dsir = run("dsir")
+    assert all(weights[row] >= cut for batch in dsir["kept_rows"] for row in batch)
+    assert sum(dsir["candidates_drawn"]) > 12  # it rejected some candidates
+    card = open(os.path.join(out, "models", "rho", "README.md")).read()
+    assert "--keep_fraction" in card and "secondary learner:** not used" in card
+    # beside IGF (labels and a learner now made) the learner-free runs are reused as they are, and the labels
+    # take the pool rows in the order whose head was the reference sample
+    before = {m: open(os.path.join(out, artifacts.RUNS, f"{m}_run000.json")).read() for m in ("rho", "color")}
+    assert run_clm_igf.main(set_flag(args, "--methods", "standard", "igf_constant", "rho", "color", "dsir")) == 0
+    for method, text in before.items():
+        assert open(os.path.join(out, artifacts.RUNS, f"{method}_run000.json")).read() == text
+    pairs = json.load(open(os.path.join(out, artifacts.IG_PAIRS)))["pairs"]
+    assert [p["context_index"] for p in pairs] == label_order(cfg, pipe, len(sets.train))[: len(pairs)].tolist()
+
+
+def test_needs_learner_unless_keep_fraction_frees_the_rule():
+    from igf.config import FinetuneConfig
+    from igf.selection import needs_learner
+
+    assert not needs_learner(FinetuneConfig(methods=["standard"]))
+    assert needs_learner(FinetuneConfig(methods=["standard", "rho"]))  # IGF's acceptance: its learner
+    assert not needs_learner(FinetuneConfig(methods=["standard", "rho", "dsir", "color"], keep_fraction=0.5))
+    for method in ("igf_constant", "igf_refresh", "oracle", "ppl", "source_matched"):
+        assert needs_learner(FinetuneConfig(methods=["standard", method], keep_fraction=0.5)), method
+
+
 def test_costs_and_the_larger_sample_in_the_statistics_by_hand():
     from igf.statistics import compare_all, cost_table, run_cost
 
@@ -300,6 +360,10 @@ def test_the_drift_table_by_hand():
     (["--refresh_labels", "3"], "--refresh_labels"),
     (["--color_learning_rate", "nan"], "--color_learning_rate"),
     (["--size_final_test_set", "-1"], "--size_final_test_set"),
+    (["--keep_fraction", "0"], "--keep_fraction"),
+    (["--keep_fraction", "1.5"], "--keep_fraction"),
+    (["--keep_fraction", "nan"], "--keep_fraction"),
+    (["--keep_fraction", "0.005"], "--keep_fraction"),
 ])
 def test_the_online_flags_refuse_what_cannot_run_in_one_line(flags, named, tmp_path):
     from igf.config import parse_args
