@@ -46,6 +46,7 @@ from igf.selection import (
     candidate_stream,
     make_rule,
     make_selection,
+    needs_labels,
     needs_learner,
     require_sources,
     select_batches,
@@ -353,12 +354,14 @@ def run_stages(cfg: Config, launch):
         contexts = contexts_summary(sets, [(p.objective, p.objective_rows) for p in pipelines], ids["model"]["vocab"])
         timings["load"] = time.perf_counter() - start
         # the controls keep what IGF keeps, so they need the learner too (unless --keep_fraction says how much)
-        filtered = needs_learner(cfg.finetune)
-        learner_stage = filtered and bool({"learner", "finetune"} & set(stages))
-        if not filtered and {"ig_pairs", "learner"} & set(stages):
+        labelled = needs_labels(cfg.finetune)
+        learner_stage = needs_learner(cfg.finetune) and bool({"learner", "finetune"} & set(stages))
+        if not labelled and {"ig_pairs", "learner"} & set(stages):
             print("\nno method among --methods needs them: IG pairs and the secondary learner are skipped",
                   flush=True)
-        for pipe in pipelines if learner_stage or ("ig_pairs" in stages and filtered) else []:
+        elif labelled and not needs_learner(cfg.finetune) and "learner" in stages:
+            print("\nno method among --methods needs the secondary learner: it is skipped", flush=True)
+        for pipe in pipelines if labelled and {"ig_pairs", "learner", "finetune"} & set(stages) else []:
             # 2) information gain of single training contexts, measured on the objective set (labels sharded)
             t = time.perf_counter()
             (run_ig_pairs(cfg, pipe, model, sets, ids, device, launch) if "ig_pairs" in stages

@@ -116,10 +116,10 @@ class FinetuneConfig:
                             choices=METHODS)
     control_matches: str = _f("igf_constant", "the controls keep, at each batch, the fraction of the pool that this "
                               "IGF method keeps", choices=("igf_constant", "igf_shifting"))
-    keep_fraction: float | None = _f(None, "instead of matching IGF: the controls and the model-aware rules keep "
-                                     "this fraction of the pool at every batch (0 < f <= 1); then random, dsir, "
-                                     "dsir_validation, color, color_validation, oracle_online and rho run without "
-                                     "IG labels or a secondary learner")
+    keep_fraction: float | None = _f(None, "instead of matching IGF: random, ppl, oracle, dsir, dsir_validation, "
+                                     "color, color_validation, oracle_online and rho keep this fraction of the "
+                                     "pool at every batch (0 < f <= 1) and need no secondary learner (ppl and "
+                                     "oracle still need IG labels, the others none); not with source_matched")
     num_runs: int = _f(3, "seeded runs per method (the paper used 50)")
     batch_size: int = _f(8, "contexts per optimizer step (the paper used 16)")
     max_steps: int = _f(8, "optimizer steps (batches) per run (the paper used 60)")
@@ -363,6 +363,8 @@ def validate(cfg: Config):
     if ft.keep_fraction is not None and not (0 < ft.keep_fraction <= 1 and ft.keep_fraction >= ft.min_acceptance):
         raise IGFError(f"--keep_fraction must lie in (0, 1] and be at least --min_acceptance ({ft.min_acceptance}), "
                        f"got {ft.keep_fraction}")
+    if ft.keep_fraction is not None and "source_matched" in ft.methods:
+        raise IGFError("source_matched keeps IGF's mix of sources, which --keep_fraction replaces: drop one of them")
     if ft.refresh_labels < 10:  # z-scored, then split into a training part and a held-out fifth for the refit
         raise IGFError(f"--refresh_labels must be at least 10, got {ft.refresh_labels}")
     if {"oracle_online", "igf_refresh"} & set(ft.methods) and ig.ig_optimizer != "sgd":

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 LABELS = {"standard": "standard fine-tuning", "igf_constant": "IGF, constant threshold",
-          "igf_shifting": "IGF, shifting threshold", "random": "random at IGF's acceptance",
+          "igf_shifting": "IGF, shifting threshold", "random": "random (as many kept)",
           "ppl": "pretrained-perplexity filter", "oracle": "oracle (LM's own IG estimate)",
           "dsir": "DSIR (n-gram importance)", "dsir_validation": "DSIR fit on all validation text",
           "source_matched": "random with IGF's source mix", "color": "CoLoR-Filter (objective set)",

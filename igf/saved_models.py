@@ -15,7 +15,7 @@ import os
 from . import artifacts
 from .config import EMBEDDED_BOOKS, EMBEDDED_MODEL
 from .secondary_learner import describe_quality
-from .selection import LEARNER_FREE
+from .selection import FIXED_FRACTION
 
 EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file was converted from
 CARD = "README.md"
@@ -66,13 +66,13 @@ def model_card(record, cfg, learner_metrics):
                  f"z >= {thresholds[0]:g} at the first batch, moving to z >= {thresholds[-1]:g} by the last "
                  f"({ft.shift_schedule} schedule, --shift_batches {ft.shift_batches})")
         selection = f"kept the candidates whose predicted z-scored information gain passed {moved}"
-    elif ft.keep_fraction is not None:
+    elif ft.keep_fraction is not None and method in FIXED_FRACTION:
         selection = (f"the `{method}` rule of igf/selection.py, keeping {ft.keep_fraction:g} of the pool at every "
                      "batch (--keep_fraction)")
     else:
         selection = (f"the `{method}` control of igf/selection.py, keeping at each batch the fraction of the pool "
                      f"that `{ft.control_matches}` keeps")
-    learner_free = method == "standard" or (ft.keep_fraction is not None and method in LEARNER_FREE)
+    learner_free = method == "standard" or (ft.keep_fraction is not None and method in FIXED_FRACTION)
     drawn = sum(record["candidates_drawn"])
     kept = ft.batch_size * len(record["candidates_drawn"])
     exact = (learner_metrics or {}).get("exact_spearman")

@@ -37,9 +37,10 @@ rule with a window, ``keep the top batch_size of the next window(b) candidates``
     rho           RHO-LOSS: the candidate's loss under the current model minus under color's conditional model;
                   keeps the top batch_size of each window, as oracle_online
 
-With ``--keep_fraction f`` the controls and the model-aware rules keep the top f of the pool (a window of
-ceil(batch_size / f)) at every batch instead of IGF's acceptance a_b, and those of ``LEARNER_FREE`` then run
-without IG labels or a learner: RHO-LOSS, CoLoR-Filter or DSIR on their own.
+With ``--keep_fraction f`` the rules of ``FIXED_FRACTION`` keep the top f of the pool (a window of
+ceil(batch_size / f)) at every batch instead of IGF's acceptance a_b, and then need no secondary learner (ppl and
+oracle still read the IG labels; the others need none): RHO-LOSS, CoLoR-Filter or DSIR on their own.
+source_matched (IGF's mix of sources) is refused with it; igf_refresh keeps IGF's threshold as ever.
 
 Every static score is a property of the candidate and the pretrained weights, so a static run's batches are fixed
 before its first step: ``select_batches`` plans them (scoring candidates a chunk at a time, as an LM forward pass
@@ -74,8 +75,10 @@ IGF_METHODS = ("igf_constant", "igf_shifting")
 CONTROLS = ("random", "ppl", "oracle", "dsir", "dsir_validation", "source_matched", "color", "color_validation",
             "oracle_online", "igf_refresh", "rho")  # every rule that keeps IGF's acceptance
 ONLINE = ("oracle_online", "igf_refresh", "rho")  # they score with the model at step t
-# with --keep_fraction these need neither IG labels nor a learner (the others score with the learner or its labels)
-LEARNER_FREE = ("random", "dsir", "dsir_validation", "color", "color_validation", "oracle_online", "rho")
+# the rules that --keep_fraction sets free of IGF's acceptance, and so of the learner; of them only these read labels
+FIXED_FRACTION = ("random", "ppl", "oracle", "dsir", "dsir_validation", "color", "color_validation",
+                  "oracle_online", "rho")
+READS_LABELS = ("ppl", "oracle")  # ppl's direction, oracle's objective perplexity before the step
 CONDITIONAL = {"color": "objective", "color_validation": "validation", "rho": "objective"}  # what each tunes on
 REFERENCE_SIZE = 512  # pool contexts (the first the IG labels take) that give ppl, oracle and color their quantiles
 LM_LOOKAHEAD = 64  # candidates an LM-scored rule scores at once (at most this many are scored and not drawn)
@@ -103,10 +106,15 @@ def scored(stream, score, chunk):
 
 
 def needs_learner(ft):
-    """Whether the methods of ``ft`` need IG labels and a secondary learner: IGF does, and so does every control
-    that keeps IGF's acceptance, unless --keep_fraction sets it and the control scores without the learner."""
-    return any(m in IGF_METHODS or (m in CONTROLS and (ft.keep_fraction is None or m not in LEARNER_FREE))
+    """Whether the methods of ``ft`` need a secondary learner (and so its IG labels): IGF does, and so does every
+    control that keeps IGF's acceptance, unless --keep_fraction sets the fraction it keeps."""
+    return any(m in IGF_METHODS or (m in CONTROLS and (ft.keep_fraction is None or m not in FIXED_FRACTION))
                for m in ft.methods)
+
+
+def needs_labels(ft):
+    """Whether the methods of ``ft`` need the IG labels: for the learner, or for ppl and oracle themselves."""
+    return needs_learner(ft) or any(m in READS_LABELS for m in ft.methods)
 
 
 def select_batch(candidates, batch_size, threshold):
@@ -294,10 +302,13 @@ def source_acceptance(scores, sources, num_sources, threshold):
 
 def top_fraction_threshold(reference, fraction):
     """The threshold that keeps the top ``fraction`` of ``reference`` scores: its ceil(fraction * n)-th largest
-    value (every value for fraction 1; +inf, nothing, for fraction 0)."""
+    value (-inf, everything, for fraction 1, also a candidate scored below the whole reference sample; +inf,
+    nothing, for fraction 0)."""
     k = math.ceil(fraction * len(reference) - 1e-9)
     if k <= 0:
         return math.inf
+    if fraction >= 1:  # all of the pool, not only down to the reference sample's lowest score
+        return -math.inf
     return torch.sort(torch.as_tensor(reference, dtype=torch.float64), descending=True).values[k - 1].item()
 
 
@@ -671,13 +682,11 @@ def selection_fingerprint(ft, method, learner_fp, about):
     if method in IGF_METHODS:
         return {"learner": learner_fp, "thresholds": [method_thresholds(ft, method)(b) for b in range(ft.max_steps)]}
     if method in CONTROLS:
-        if ft.keep_fraction is None:
+        if ft.keep_fraction is None or method not in FIXED_FRACTION:
             selection = {"learner": learner_fp, "control_matches": ft.control_matches,
                          "acceptance": about["acceptance"]}
-        else:  # a fixed fraction: a learner-free rule's runs do not depend on whether a learner was trained
+        else:  # a fixed fraction: its runs do not depend on whether (or which) learner was trained
             selection = {"keep_fraction": ft.keep_fraction, "acceptance": about["acceptance"]}
-            if method not in LEARNER_FREE:
-                selection["learner"] = learner_fp
         if method == "ppl":
             selection["ppl_direction"] = about["ppl_direction"]
         if method == "oracle":

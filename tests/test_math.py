@@ -211,7 +211,7 @@ def test_top_fraction_threshold():
     reference = [5.0, 1.0, 3.0, 2.0, 4.0]
     assert selection.top_fraction_threshold(reference, 0.4) == 4.0  # keeps 5 and 4
     assert selection.top_fraction_threshold(reference, 0.5) == 3.0  # ceil(2.5) = 3 values
-    assert selection.top_fraction_threshold(reference, 1.0) == 1.0
+    assert selection.top_fraction_threshold(reference, 1.0) == -math.inf  # all, not down to the sample's lowest
     assert selection.top_fraction_threshold(reference, 0.0) == math.inf
 
 

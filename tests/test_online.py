@@ -256,7 +256,7 @@ def test_online_runs_pair_with_standard_resume_and_measure_the_larger_test_sampl
     assert "final_large" in results["tests"]["rho_vs_standard"]
 
 
-def test_keep_fraction_runs_rho_color_and_dsir_without_labels_and_reuses_them_beside_igf(tiny_args):
+def test_keep_fraction_runs_rho_color_and_dsir_without_labels_and_reuses_them_beside_igf(tiny_args, tmp_path):
     import json
     import os
 
@@ -266,7 +266,8 @@ def test_keep_fraction_runs_rho_color_and_dsir_without_labels_and_reuses_them_be
     from conftest import set_flag
     from igf import artifacts
     from igf.dsir import dsir_scores
-    from igf.pipelines import label_order, make_pipelines
+    from igf.pipelines import make_pipelines
+    from igf.selection import candidate_stream
 
     args = set_flag(tiny_args, "--methods", "standard", "rho", "color", "dsir")
     args += ["--keep_fraction", "0.5", "--color_steps", "2", "--save_models"]
@@ -276,43 +277,58 @@ def test_keep_fraction_runs_rho_color_and_dsir_without_labels_and_reuses_them_be
     assert not os.path.exists(os.path.join(out, artifacts.IG_PAIRS))
     assert not [n for n in os.listdir(out) if n.startswith("secondary_learner")]
 
-    def run(method, r=0):
-        return json.load(open(os.path.join(out, artifacts.RUNS, f"{method}_run{r:03d}.json")))
+    def run(method, r=0, folder=out):
+        return json.load(open(os.path.join(folder, artifacts.RUNS, f"{method}_run{r:03d}.json")))
     for r in range(2):
         rho = run("rho", r)
         assert rho["candidates_drawn"] == [8, 8, 8]  # a window of ceil(4 / 0.5) at every batch
         for kept, scored in zip(rho["kept_rows"], rho["scores"]):  # the top half of each window, by its scores
             ranked = sorted(scored, key=lambda rv: -rv[1])
             assert sorted(kept) == sorted(row for row, _ in ranked[:4])
-    # dsir keeps the top half of the whole pool by its weights, counted independently here
+    # dsir keeps the top half of the whole pool by its weights: redrawn here from the run's own stream, it keeps
+    # exactly the drawn candidates at or above the pool's median weight
     cfg = run_clm_igf.parse_args(args)
     _, _, sets, _, _ = run_clm_igf.load_model_and_contexts(cfg, torch.device("cpu"))
     pipe = make_pipelines(cfg, sets)[0]
     weights = dsir_scores(sets.train.numpy(), pipe.objective.numpy(), cfg.finetune.dsir_buckets)
     cut = np.sort(weights)[::-1][int(np.ceil(0.5 * len(weights))) - 1]
-    dsir = run("dsir")
-    assert all(weights[row] >= cut for batch in dsir["kept_rows"] for row in batch)
-    assert sum(dsir["candidates_drawn"]) > 12  # it rejected some candidates
+    for r in range(2):
+        dsir = run("dsir", r)
+        stream = candidate_stream(len(sets.train), torch.Generator().manual_seed(dsir["seed"]))
+        drawn = [next(stream) for _ in range(sum(dsir["candidates_drawn"]))]
+        assert [row for row in drawn if weights[row] >= cut] == [row for b in dsir["kept_rows"] for row in b]
     card = open(os.path.join(out, "models", "rho", "README.md")).read()
     assert "--keep_fraction" in card and "secondary learner:** not used" in card
-    # beside IGF (labels and a learner now made) the learner-free runs are reused as they are, and the labels
-    # take the pool rows in the order whose head was the reference sample
+    # oracle and ppl read the labels but need no learner; color keeps the same batches with labels made or not
+    other = set_flag(set_flag(args, "--output_dir", str(tmp_path / "labelled")), "--methods", "standard", "color",
+                     "oracle", "ppl")
+    assert run_clm_igf.main(other) == 0
+    labelled = str(tmp_path / "labelled")
+    assert os.path.exists(os.path.join(labelled, artifacts.IG_PAIRS))
+    assert not [n for n in os.listdir(labelled) if n.startswith("secondary_learner")]
+    assert run("color", 1, labelled)["kept_rows"] == run("color", 1)["kept_rows"]
+    for method in ("oracle", "ppl"):
+        assert sum(run(method, 0, labelled)["candidates_drawn"]) > 12  # they rejected some candidates
+    # beside IGF (labels and a learner now made) the learner-free runs are reused as they are
     before = {m: open(os.path.join(out, artifacts.RUNS, f"{m}_run000.json")).read() for m in ("rho", "color")}
     assert run_clm_igf.main(set_flag(args, "--methods", "standard", "igf_constant", "rho", "color", "dsir")) == 0
+    assert [n for n in os.listdir(out) if n.startswith("secondary_learner")]
     for method, text in before.items():
         assert open(os.path.join(out, artifacts.RUNS, f"{method}_run000.json")).read() == text
-    pairs = json.load(open(os.path.join(out, artifacts.IG_PAIRS)))["pairs"]
-    assert [p["context_index"] for p in pairs] == label_order(cfg, pipe, len(sets.train))[: len(pairs)].tolist()
 
 
 def test_needs_learner_unless_keep_fraction_frees_the_rule():
     from igf.config import FinetuneConfig
-    from igf.selection import needs_learner
+    from igf.selection import needs_labels, needs_learner
 
-    assert not needs_learner(FinetuneConfig(methods=["standard"]))
+    assert not needs_labels(FinetuneConfig(methods=["standard"]))
     assert needs_learner(FinetuneConfig(methods=["standard", "rho"]))  # IGF's acceptance: its learner
-    assert not needs_learner(FinetuneConfig(methods=["standard", "rho", "dsir", "color"], keep_fraction=0.5))
-    for method in ("igf_constant", "igf_refresh", "oracle", "ppl", "source_matched"):
+    free = FinetuneConfig(methods=["standard", "rho", "dsir", "color", "random", "oracle_online"], keep_fraction=0.5)
+    assert not needs_learner(free) and not needs_labels(free)
+    for method in ("ppl", "oracle"):  # their own reading of the labels, but no learner
+        ft = FinetuneConfig(methods=["standard", method], keep_fraction=0.5)
+        assert needs_labels(ft) and not needs_learner(ft)
+    for method in ("igf_constant", "igf_refresh", "source_matched"):
         assert needs_learner(FinetuneConfig(methods=["standard", method], keep_fraction=0.5)), method
 
 
@@ -364,6 +380,7 @@ def test_the_drift_table_by_hand():
     (["--keep_fraction", "1.5"], "--keep_fraction"),
     (["--keep_fraction", "nan"], "--keep_fraction"),
     (["--keep_fraction", "0.005"], "--keep_fraction"),
+    (["--keep_fraction", "0.5", "--methods", "standard", "source_matched"], "--keep_fraction"),
 ])
 def test_the_online_flags_refuse_what_cannot_run_in_one_line(flags, named, tmp_path):
     from igf.config import parse_args
