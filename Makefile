@@ -1,5 +1,6 @@
 # make setup  - virtual environment in .venv, pinned requirements, and the offline assets in $IGF_CACHE_DIR (~/.cache/igf)
 # make run    - setup, then the offline default experiment (extra flags: make run ARGS="--num_runs 5")
+# make rho    - setup, then the study's recommendation: RHO-LOSS against standard at the quick start's scale
 # make study  - setup, then the study at the paper's label budget (IGF, standard, dsir on 5 pipelines; resumable)
 # make test   - the test suite (tiny random models; the real-model checks need the assets, which setup builds)
 # make lint   - ruff, configured in pyproject.toml
@@ -9,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup run study test lint lock clean
+.PHONY: setup run rho study test lint lock clean
 setup: $(VENV)/.installed
 	$(PY) -m igf.assets
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: requirements.txt constraints.txt
 
 run: setup
 	$(PY) run_clm_igf.py $(ARGS)
+
+rho: setup
+	$(PY) run_clm_igf.py --preset rho $(ARGS)
 
 study: setup
 	$(PY) run_clm_igf.py --preset study --output_dir output_study $(ARGS)

@@ -188,8 +188,9 @@ class RunConfig:
     plot_only: bool = _f(False, "only redraw the figure and statistics from saved runs (= --stages plot)")
     preset: str = _f("default", "'default' (laptop CPU, ~10-15 min), 'study' (the paper's label budget: IGF "
                      "against standard and DSIR on 5 independent pipelines, hours on a 2-core CPU), 'study_v1' "
-                     "(the first study: 3 pipelines, objective set 32, 1,000 labels, ~2 h 20 min) or 'paper' "
-                     "(paper scale, for a GPU)")
+                     "(the first study: 3 pipelines, objective set 32, 1,000 labels, ~2 h 20 min), 'rho' (the "
+                     "study's recommendation: RHO-LOSS against standard at the quick start's scale, no IG labels, "
+                     "into output_rho/, ~15 min) or 'paper' (paper scale, for a GPU)")
 
 
 # Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
@@ -237,6 +238,12 @@ PRESETS = {
     "study_v1": dict(methods=["standard", "igf_constant", "random", "dsir", "source_matched"], num_pipelines=3,
                      num_runs=6, max_steps=24, eval_every=6, shift_batches=12, num_validation_pairs=100,
                      num_heldout_pairs=0, learner_ensemble=1, pipeline_streams="shared", allow_weak_learner=True),
+    # The model-aware study's recommendation (docs/studies.md): RHO-LOSS keeps the top half of each window of the
+    # run's candidate stream by the current model's loss minus the conditional model's (a copy tuned on the
+    # objective set), beside standard fine-tuning at the quick start's scale. No IG labels and no learner: its
+    # setup is the conditional model (24 steps), its runs cost ~2.3x standard's forward passes. Its own folder, so
+    # that it never mixes with the quick start's output/.
+    "rho": dict(methods=["standard", "rho"], keep_fraction=0.5, output_dir="output_rho"),
     # every method but source_matched, which needs sources (the embedded books have them; add it there)
     "paper": dict(context_len=32, size_objective_set=100, size_test_set=2000, num_ig_pairs=4000,
                   batch_size=16, max_steps=60, num_runs=50, shift_batches=10, learner_epochs=100,

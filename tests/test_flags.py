@@ -604,6 +604,21 @@ def test_preset_study_runs_at_the_papers_label_budget_on_five_independent_pipeli
     assert first.data.size_objective_set == 32 and first.ig.num_validation_pairs == 100
 
 
+def test_preset_rho_is_rho_loss_beside_standard_without_labels_in_its_own_folder(tmp_path, monkeypatch):
+    from igf.selection import needs_labels, needs_learner
+
+    monkeypatch.chdir(tmp_path)
+    rho = parse_args(["--preset", "rho"])
+    assert rho.finetune.methods == ["standard", "rho"] and rho.finetune.keep_fraction == 0.5
+    assert not needs_labels(rho.finetune) and not needs_learner(rho.finetune)  # no IG labels, no learner
+    assert rho.run.output_dir == "output_rho"  # never the quick start's output/
+    # the rest is the quick start's scale, and any flag still overrides the preset
+    assert (rho.finetune.max_steps, rho.finetune.num_runs, rho.data.size_objective_set) == (8, 3, 32)
+    mine = parse_args(["--preset", "rho", "--methods", "rho", "--num_runs", "1", "--output_dir", "mine"])
+    assert (mine.finetune.methods, mine.finetune.num_runs, mine.run.output_dir) == (["rho"], 1, "mine")
+    assert not os.path.exists(tmp_path / "output_rho")  # parsing alone writes nothing
+
+
 def test_preset_paper_and_explicit_flags_override_it(tmp_path):
     out = ["--output_dir", str(tmp_path / "out")]
     paper = parse_args(["--preset", "paper", *out])

@@ -37,7 +37,7 @@ def fields():
 
 
 @pytest.mark.parametrize("preset,flag", [(None, "--help"), (None, "-h"), ("default", "--help"), ("study", "--help"),
-                                         ("paper", "-h")])
+                                         ("paper", "-h"), ("rho", "--help")])
 def test_driver_help_lists_every_flag_with_its_default(preset, flag):
     argv = COMMANDS["driver"] + ([] if preset is None else ["--preset", preset]) + [flag]
     code, out, err = run(argv)
