@@ -241,7 +241,7 @@ PRESETS = {
     # The model-aware study's recommendation (docs/studies.md): RHO-LOSS keeps the top half of each window of the
     # run's candidate stream by the current model's loss minus the conditional model's (a copy tuned on the
     # objective set), beside standard fine-tuning at the quick start's scale. No IG labels and no learner: its
-    # setup is the conditional model (24 steps), its runs cost ~2.3x standard's forward passes. Its own folder, so
+    # setup is the conditional model (24 steps), its runs cost 2.3-2.4x standard's forward passes. Its own folder, so
     # that it never mixes with the quick start's output/.
     "rho": dict(methods=["standard", "rho"], keep_fraction=0.5, output_dir="output_rho"),
     # every method but source_matched, which needs sources (the embedded books have them; add it there)
