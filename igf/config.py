@@ -190,7 +190,7 @@ class RunConfig:
                      "against standard and DSIR on 5 independent pipelines, hours on a 2-core CPU), 'study_v1' "
                      "(the first study: 3 pipelines, objective set 32, 1,000 labels, ~2 h 20 min), 'rho' (the "
                      "study's recommendation: RHO-LOSS against standard at the quick start's scale, no IG labels, "
-                     "into output_rho/, ~15 min) or 'paper' (paper scale, for a GPU)")
+                     "into output_rho/, ~5 min) or 'paper' (paper scale, for a GPU)")
 
 
 # Each stage draws its randomness from seed + offset, so any stage rerun alone reproduces itself.
